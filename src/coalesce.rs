@@ -1,0 +1,90 @@
+//! In-process coalescing of concurrent claims on the same key.
+//!
+//! Under a webhook burst for one pull request, every request would otherwise send its own
+//! `SET NX` and all but one would get `nil`. Instead the first caller (the leader) sends the
+//! claim and the others (followers) wait for its answer: whatever it is, a follower never
+//! dispatches — the leader's success makes them duplicates, the leader's store error makes them
+//! fail the same way. If the leader is dropped before it hears back, followers claim for
+//! themselves.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+
+use crate::store::{ClaimOutcome, StoreError};
+
+type Answer = Option<Result<ClaimOutcome, StoreError>>;
+
+#[derive(Debug, Default)]
+pub(crate) struct Coalescer {
+    inflight: Mutex<HashMap<Arc<str>, watch::Receiver<Answer>>>,
+}
+
+pub(crate) enum Role {
+    Leader(LeaderGuard),
+    Follower(watch::Receiver<Answer>),
+}
+
+/// Held by the leader; publishes its answer and removes the in-flight entry (also on drop).
+pub(crate) struct LeaderGuard {
+    coalescer: Arc<Coalescer>,
+    key: Arc<str>,
+    tx: watch::Sender<Answer>,
+}
+
+impl Coalescer {
+    pub(crate) fn join(self: &Arc<Self>, key: &Arc<str>) -> Role {
+        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rx) = inflight.get(key) {
+            return Role::Follower(rx.clone());
+        }
+        let (tx, rx) = watch::channel(None);
+        inflight.insert(key.clone(), rx);
+        Role::Leader(LeaderGuard {
+            coalescer: self.clone(),
+            key: key.clone(),
+            tx,
+        })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn inflight(&self) -> usize {
+        self.inflight.lock().map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+impl LeaderGuard {
+    pub(crate) fn publish(self, answer: &Result<ClaimOutcome, StoreError>) {
+        // Remove first so a caller arriving after this point goes to the store (and finds our
+        // claim there) instead of reading a stale answer.
+        self.remove();
+        self.tx.send_replace(Some(answer.clone()));
+    }
+
+    fn remove(&self) {
+        let mut inflight = self.coalescer.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if inflight
+            .get(&self.key)
+            .is_some_and(|rx| rx.same_channel(&self.tx.subscribe()))
+        {
+            inflight.remove(&self.key);
+        }
+    }
+}
+
+impl Drop for LeaderGuard {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// What a follower learned: `None` when the leader went away without an answer.
+pub(crate) async fn follow(mut rx: watch::Receiver<Answer>) -> Option<Result<ClaimOutcome, StoreError>> {
+    let answer = rx.wait_for(Option::is_some).await.ok()?;
+    match answer.as_ref()? {
+        // The leader's claim (or someone else's) holds the key: a follower is a duplicate.
+        Ok(_) => Some(Ok(ClaimOutcome::AlreadyClaimed)),
+        Err(e) => Some(Err(e.clone())),
+    }
+}

@@ -1,0 +1,112 @@
+//! The service: extract a key, start the claim, hand the rest to the response future.
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tower_service::Service;
+
+use crate::classify::{ClassifyOutcome, DefaultClassifier};
+use crate::error::IdempotencyError;
+use crate::extract::KeyExtractor;
+use crate::future::ResponseFuture;
+use crate::layer::Config;
+
+/// The service produced by [`IdempotencyLayer`](crate::IdempotencyLayer).
+///
+/// Its error is [`IdempotencyError`], which tells a duplicate, a fail-closed store error, an
+/// invalid key and a lost claim apart from the inner service's own error.
+///
+/// ```
+/// use std::convert::Infallible;
+/// use tower::{Layer, ServiceExt};
+/// use tower_idempotency::{IdempotencyKey, IdempotencyLayer, KeyError, MemoryStore};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let layer = IdempotencyLayer::new(MemoryStore::new(), |n: &u32| -> Result<_, KeyError> {
+///     IdempotencyKey::new(n.to_string()).map(Some)
+/// });
+/// let svc = layer.layer(tower::service_fn(|n: u32| async move { Ok::<_, Infallible>(n * 2) }));
+/// assert_eq!(svc.clone().oneshot(21).await.unwrap(), 42);
+/// assert!(svc.oneshot(21).await.unwrap_err().is_duplicate());
+/// # }
+/// ```
+pub struct Idempotency<S, X, C = DefaultClassifier> {
+    inner: S,
+    config: Arc<Config>,
+    extractor: X,
+    classifier: C,
+}
+
+impl<S: Clone, X: Clone, C: Clone> Clone for Idempotency<S, X, C> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            config: self.config.clone(),
+            extractor: self.extractor.clone(),
+            classifier: self.classifier.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, X, C: fmt::Debug> fmt::Debug for Idempotency<S, X, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Idempotency")
+            .field("inner", &self.inner)
+            .field("config", &self.config)
+            .field("classifier", &self.classifier)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, X, C> Idempotency<S, X, C> {
+    pub(crate) fn from_parts(inner: S, config: Arc<Config>, extractor: X, classifier: C) -> Self {
+        Self {
+            inner,
+            config,
+            extractor,
+            classifier,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes this service, returning the inner one.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, X, C, Req> Service<Req> for Idempotency<S, X, C>
+where
+    S: Service<Req> + Clone,
+    X: KeyExtractor<Req>,
+    C: ClassifyOutcome<S::Response, S::Error> + Clone,
+{
+    type Response = S::Response;
+    type Error = IdempotencyError<S::Error>;
+    type Future = ResponseFuture<S, Req, C>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(IdempotencyError::Inner)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        // Take the service that was driven to readiness; leave a clone for the next call.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        match self.extractor.extract(&req) {
+            Ok(Some(key)) => ResponseFuture::claim(inner, req, key, self.config.clone(), self.classifier.clone()),
+            Ok(None) => ResponseFuture::pass_through(inner, req),
+            Err(e) => ResponseFuture::rejected(e.into()),
+        }
+    }
+}

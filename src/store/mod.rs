@@ -1,0 +1,253 @@
+//! Claim stores: where the "who dispatches" decision is recorded.
+//!
+//! The layer does not care where claims live, only that a claim is atomic and that release and
+//! renewal check the owner token, so a slow job can never delete or extend a claim that has
+//! since passed to someone else. [`RedisStore`](crate::RedisStore) shares claims across processes;
+//! [`MemoryStore`] keeps them in one process, for tests and single-process services.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+mod memory;
+#[cfg(feature = "redis")]
+mod redis;
+
+#[cfg(feature = "redis")]
+pub use self::redis::{DEFAULT_TIMEOUT, RedisStore, RedisStoreBuilder};
+pub use memory::MemoryStore;
+
+/// The result of a claim that reached the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClaimOutcome {
+    /// The key was free and is now ours: dispatch.
+    Acquired,
+    /// Someone already holds the key: this call is a duplicate.
+    AlreadyClaimed,
+}
+
+/// Identifies the owner of one claim, so release and renewal only touch our own claim.
+///
+/// Tokens are unique per call: a per-process random prefix plus a counter.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct ClaimToken(Arc<str>);
+
+impl ClaimToken {
+    /// A fresh token, unique within this process and, with overwhelming probability, across
+    /// processes.
+    ///
+    /// ```
+    /// use tower_idempotency::store::ClaimToken;
+    /// assert_ne!(ClaimToken::generate(), ClaimToken::generate());
+    /// ```
+    pub fn generate() -> Self {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::from(format!("{:016x}-{n:x}", process_nonce()).as_str()))
+    }
+
+    /// A token with the given text; for stores and tests that need a known value.
+    pub fn from_string(token: impl Into<String>) -> Self {
+        Self(Arc::from(token.into().as_str()))
+    }
+
+    /// The token's text, as stored as the claim's value.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ClaimToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("ClaimToken").field(&&*self.0).finish()
+    }
+}
+
+/// 64 random bits per process, from the standard library's randomly seeded hasher: enough to
+/// tell processes apart without another dependency.
+fn process_nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static NONCE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *NONCE.get_or_init(|| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        if let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+            h.write_u128(t.as_nanos());
+        }
+        h.finish()
+    })
+}
+
+/// A store could not answer. The layer treats this as "don't know", which by default means
+/// fail closed: the call is short-circuited rather than risk a second dispatch.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store did not answer within the configured timeout. The command may still have been
+    /// applied (a "phantom" claim), which is why the layer cleans up after it.
+    #[error("idempotency store did not answer `{operation}` within {after:?}")]
+    Timeout {
+        /// The operation: `claim`, `release` or `renew`.
+        operation: &'static str,
+        /// The timeout that elapsed.
+        after: Duration,
+    },
+    /// Redis answered with an error or the connection failed.
+    #[cfg(feature = "redis")]
+    #[error("redis error during `{operation}`")]
+    Redis {
+        /// The operation: `claim`, `release` or `renew`.
+        operation: &'static str,
+        /// The client's error.
+        #[source]
+        source: ::redis::RedisError,
+    },
+    /// The store answered something the claim protocol does not expect.
+    #[error("unexpected reply to `{operation}`: {reply}")]
+    UnexpectedReply {
+        /// The operation: `claim`, `release` or `renew`.
+        operation: &'static str,
+        /// The reply, rendered for humans.
+        reply: String,
+    },
+    /// Any other backend failure, for stores outside this crate.
+    #[error("idempotency store backend error")]
+    Backend(#[source] Arc<dyn std::error::Error + Send + Sync + 'static>),
+}
+
+impl StoreError {
+    /// Whether the failed command may still have been applied by the store: a timed-out or
+    /// broken request may have landed; a command the server refused did not.
+    pub fn may_have_applied(&self) -> bool {
+        match self {
+            StoreError::Timeout { .. } => true,
+            #[cfg(feature = "redis")]
+            StoreError::Redis { source, .. } => source.is_io_error() || source.is_timeout(),
+            StoreError::UnexpectedReply { .. } => false,
+            StoreError::Backend(_) => true,
+        }
+    }
+
+    /// A short, stable name for the kind of failure, for metrics, tags and rate limiting.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Timeout { .. } => "timeout",
+            #[cfg(feature = "redis")]
+            StoreError::Redis { source, .. } => {
+                if source.is_connection_refusal() {
+                    "connection_refused"
+                } else if source.is_timeout() {
+                    "timeout"
+                } else if source.is_io_error() {
+                    "io"
+                } else {
+                    "server"
+                }
+            }
+            StoreError::UnexpectedReply { .. } => "unexpected_reply",
+            StoreError::Backend(_) => "backend",
+        }
+    }
+}
+
+/// Where claims are kept.
+///
+/// Every method receives the full key (the layer's namespace already applied) and must be
+/// atomic with respect to other callers, including callers in other processes when the store is
+/// shared. Implementations bound their own latency: a method that may hang forever would hang the
+/// request it guards.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_idempotency::store::{ClaimOutcome, ClaimToken, IdempotencyStore};
+/// use tower_idempotency::MemoryStore;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = MemoryStore::new();
+/// let mine = ClaimToken::generate();
+/// let ttl = Duration::from_secs(60);
+/// assert_eq!(store.claim("k", &mine, ttl).await?, ClaimOutcome::Acquired);
+/// assert_eq!(store.claim("k", &ClaimToken::generate(), ttl).await?, ClaimOutcome::AlreadyClaimed);
+/// assert!(store.release("k", &mine).await?);
+/// # Ok(()) }
+/// ```
+pub trait IdempotencyStore: Send + Sync + 'static {
+    /// Atomically claims `key` for `token` for `ttl`, unless someone holds it.
+    fn claim(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<ClaimOutcome, StoreError>> + Send;
+
+    /// Deletes the claim on `key` if, and only if, it is still held by `token`.
+    /// Returns whether a claim was deleted.
+    fn release(&self, key: &str, token: &ClaimToken) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Extends the claim on `key` to `ttl` from now if, and only if, it is still held by
+    /// `token`. Returns `false` when the claim has been lost (expired, or taken by another).
+    fn renew(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+}
+
+impl<T: IdempotencyStore> IdempotencyStore for Arc<T> {
+    fn claim(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<ClaimOutcome, StoreError>> + Send {
+        (**self).claim(key, token, ttl)
+    }
+
+    fn release(&self, key: &str, token: &ClaimToken) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        (**self).release(key, token)
+    }
+
+    fn renew(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        (**self).renew(key, token, ttl)
+    }
+}
+
+/// Futures returned by the type-erased store the layer holds.
+pub(crate) type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Object-safe form of [`IdempotencyStore`], so the layer's types do not carry the store type.
+pub(crate) trait ErasedStore: Send + Sync + 'static {
+    fn claim(
+        self: Arc<Self>,
+        key: Arc<str>,
+        token: ClaimToken,
+        ttl: Duration,
+    ) -> BoxFuture<Result<ClaimOutcome, StoreError>>;
+    fn release(self: Arc<Self>, key: Arc<str>, token: ClaimToken) -> BoxFuture<Result<bool, StoreError>>;
+    fn renew(self: Arc<Self>, key: Arc<str>, token: ClaimToken, ttl: Duration) -> BoxFuture<Result<bool, StoreError>>;
+}
+
+impl<T: IdempotencyStore> ErasedStore for T {
+    fn claim(
+        self: Arc<Self>,
+        key: Arc<str>,
+        token: ClaimToken,
+        ttl: Duration,
+    ) -> BoxFuture<Result<ClaimOutcome, StoreError>> {
+        Box::pin(async move { IdempotencyStore::claim(&*self, &key, &token, ttl).await })
+    }
+    fn release(self: Arc<Self>, key: Arc<str>, token: ClaimToken) -> BoxFuture<Result<bool, StoreError>> {
+        Box::pin(async move { IdempotencyStore::release(&*self, &key, &token).await })
+    }
+    fn renew(self: Arc<Self>, key: Arc<str>, token: ClaimToken, ttl: Duration) -> BoxFuture<Result<bool, StoreError>> {
+        Box::pin(async move { IdempotencyStore::renew(&*self, &key, &token, ttl).await })
+    }
+}
