@@ -23,7 +23,7 @@ pub fn key_of(req: &String) -> Result<Option<IdempotencyKey>, KeyError> {
 /// Counts how many times the inner service ran, per key. The fault tests' "zero double
 /// dispatch" is `max_per_key() <= 1`.
 #[derive(Clone, Default, Debug)]
-pub struct Dispatches(Arc<Mutex<HashMap<String, usize>>>);
+pub struct Dispatches(Arc<Mutex<HashMap<String, usize>>>, Arc<std::sync::atomic::AtomicUsize>);
 
 impl Dispatches {
     /// An inner service that records its call and answers at once.
@@ -41,6 +41,11 @@ impl Dispatches {
 
     pub fn of(&self, key: &str) -> usize {
         self.0.lock().unwrap().get(key).copied().unwrap_or(0)
+    }
+
+    /// How many inner calls ran to completion (a dropped inner future does not count).
+    pub fn finished(&self) -> usize {
+        self.1.load(Ordering::SeqCst)
     }
 
     pub fn total(&self) -> usize {
@@ -77,11 +82,12 @@ impl Service<String> for CountingService {
 
     fn call(&mut self, key: String) -> Self::Future {
         *self.dispatches.0.lock().unwrap().entry(key).or_default() += 1;
-        let run = self.run;
+        let (run, finished) = (self.run, self.dispatches.1.clone());
         Box::pin(async move {
             if !run.is_zero() {
                 tokio::time::sleep(run).await;
             }
+            finished.fetch_add(1, Ordering::SeqCst);
             Ok(())
         })
     }
