@@ -1,0 +1,979 @@
+//! Load benchmark: what the claim path costs under concurrency, side by side with raw Redis.
+//!
+//! Starts its own `redis-server` on a free port and, for every concurrency C and key pattern,
+//! runs back to back (interleaved, same server, same multiplexed connection):
+//!
+//! - `raw`: C tasks each looping `SET key token NX PX ttl` through redis-rs on the store's
+//!   [`ConnectionManager`](redis::aio::ConnectionManager) (one multiplexed connection);
+//! - `store`: C tasks looping `RedisStore::claim` on that same connection;
+//! - `layer`: C tasks looping calls through `IdempotencyLayer::with_coalescing(true)` around a
+//!   trivial service (this is the `layer=` figure of the `RESULT` line);
+//! - `layer_nc`: the same layer without coalescing;
+//! - `ioredis`: the seed's TypeScript claim (`../shared/bench/ioredis-claim`), when `node` and
+//!   `npm` are available.
+//!
+//! Run: `cargo bench --bench throughput` (optionally `-- --seconds S --rounds R --conc 1,64
+//! --keys unique,one --no-ioredis`). Unknown arguments (cargo adds `--bench`) are ignored.
+//! See BENCHMARKS.md for what every number means.
+
+#[path = "../tests/common/redis_server.rs"]
+mod redis_server;
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use redis::aio::ConnectionManager;
+use tower::{Service, ServiceExt};
+use tower_idempotency::store::{ClaimOutcome, ClaimToken, IdempotencyStore};
+use tower_idempotency::{IdempotencyKey, IdempotencyLayer, KeyError, MemoryStore, RedisStore};
+
+use redis_server::RedisServer;
+
+/// Claim lifetime for every implementation (the ioredis script uses `EX 300`).
+const TTL: Duration = Duration::from_secs(300);
+/// Number of keys in the `hot` pattern (the ioredis script's default `--hot-count`).
+const HOT_KEYS: u64 = 100;
+
+// ---------------------------------------------------------------------------------------------
+// Arguments
+
+struct Args {
+    seconds: f64,
+    rounds: usize,
+    conc: Vec<usize>,
+    patterns: Vec<Pattern>,
+    ioredis: bool,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        seconds: 3.0,
+        rounds: 1,
+        conc: vec![1, 16, 64, 256],
+        patterns: vec![Pattern::Unique, Pattern::Hot, Pattern::One],
+        ioredis: true,
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < argv.len() {
+        let (name, inline) = match argv[i].split_once('=') {
+            Some((n, v)) => (n.to_string(), Some(v.to_string())),
+            None => (argv[i].clone(), None),
+        };
+        let takes_value = matches!(name.as_str(), "--seconds" | "--rounds" | "--conc" | "--keys");
+        let value = if takes_value {
+            match inline {
+                Some(v) => Some(v),
+                None => {
+                    i += 1;
+                    argv.get(i).cloned()
+                }
+            }
+        } else {
+            None
+        };
+        match (name.as_str(), value) {
+            ("--seconds", Some(v)) => match v.parse::<f64>() {
+                Ok(s) if s > 0.0 && s.is_finite() => args.seconds = s,
+                _ => fail(&format!("--seconds needs a positive number, got `{v}`")),
+            },
+            ("--rounds", Some(v)) => match v.parse::<usize>() {
+                Ok(r) if r > 0 => args.rounds = r,
+                _ => fail(&format!("--rounds needs a positive integer, got `{v}`")),
+            },
+            ("--conc", Some(v)) => {
+                args.conc = v
+                    .split(',')
+                    .map(|c| match c.trim().parse::<usize>() {
+                        Ok(c) if c > 0 => c,
+                        _ => fail(&format!(
+                            "--conc needs positive integers separated by commas, got `{v}`"
+                        )),
+                    })
+                    .collect();
+            }
+            ("--keys", Some(v)) => {
+                args.patterns = v
+                    .split(',')
+                    .map(|p| {
+                        Pattern::parse(p.trim()).unwrap_or_else(|| fail(&format!("--keys: unknown pattern `{p}`")))
+                    })
+                    .collect();
+            }
+            ("--no-ioredis", _) => args.ioredis = false,
+            (n, None) if takes_value => fail(&format!("{n} needs a value")),
+            // cargo passes `--bench`; anything else unknown is ignored too.
+            _ => {}
+        }
+        i += 1;
+    }
+    args
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("throughput: {msg}");
+    std::process::exit(2)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Key patterns
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Pattern {
+    /// A fresh key for every call: every claim succeeds.
+    Unique,
+    /// 100 keys: the first claim of each succeeds, the rest are duplicates.
+    Hot,
+    /// One key: a webhook burst for one pull request.
+    One,
+}
+
+impl Pattern {
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "unique" => Some(Pattern::Unique),
+            "hot" => Some(Pattern::Hot),
+            "one" => Some(Pattern::One),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Pattern::Unique => "unique",
+            Pattern::Hot => "hot",
+            Pattern::One => "one",
+        }
+    }
+}
+
+/// Makes the keys of one task in one run. Every run has its own prefix, so each run starts with
+/// unclaimed keys, and every implementation pays for formatting the same kind of key.
+struct KeyGen {
+    prefix: String,
+    pattern: Pattern,
+    task: usize,
+    n: u64,
+    rng: u64,
+}
+
+impl KeyGen {
+    fn new(run: u64, pattern: Pattern, task: usize) -> Self {
+        Self {
+            prefix: format!("bench:{run}:"),
+            pattern,
+            task,
+            n: 0,
+            rng: 0x9E37_79B9_7F4A_7C15 ^ ((task as u64 + 1) * 0xD1B5_4A32_D192_ED03),
+        }
+    }
+
+    fn next_key(&mut self) -> String {
+        self.n += 1;
+        let mut key = String::with_capacity(self.prefix.len() + 24);
+        key.push_str(&self.prefix);
+        // Writing to a String cannot fail.
+        let _ = match self.pattern {
+            Pattern::Unique => write!(key, "u:{}:{}", self.task, self.n),
+            Pattern::Hot => {
+                // xorshift64: cheap, per task, good enough to spread calls over the hot keys.
+                self.rng ^= self.rng << 13;
+                self.rng ^= self.rng >> 7;
+                self.rng ^= self.rng << 17;
+                write!(key, "h:{}", self.rng % HOT_KEYS)
+            }
+            Pattern::One => write!(key, "one"),
+        };
+        key
+    }
+
+    /// A token for the raw arm, about as long as a [`ClaimToken`].
+    fn raw_token(&self) -> String {
+        format!("{:016x}-{:x}", self.task, self.n)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurement
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Impl {
+    Raw,
+    Store,
+    Layer,
+    LayerNoCoalesce,
+}
+
+impl Impl {
+    fn name(self) -> &'static str {
+        match self {
+            Impl::Raw => "raw",
+            Impl::Store => "store",
+            Impl::Layer => "layer",
+            Impl::LayerNoCoalesce => "layer_nc",
+        }
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    // Nanoseconds, 1 ns to 60 s, 3 significant digits.
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid histogram bounds")
+}
+
+/// What one run (or several rounds of it) measured.
+struct Stats {
+    secs: f64,
+    ok: u64,
+    dup: u64,
+    err: u64,
+    hist: Histogram<u64>,
+    cpu: CpuUse,
+}
+
+impl Stats {
+    fn empty() -> Self {
+        Self {
+            secs: 0.0,
+            ok: 0,
+            dup: 0,
+            err: 0,
+            hist: histogram(),
+            cpu: CpuUse::default(),
+        }
+    }
+
+    fn merge(&mut self, other: Stats) {
+        self.secs += other.secs;
+        self.ok += other.ok;
+        self.dup += other.dup;
+        self.err += other.err;
+        self.hist.add(&other.hist).expect("histograms share bounds");
+        self.cpu.add(&other.cpu);
+    }
+
+    fn ops(&self) -> u64 {
+        self.ok + self.dup + self.err
+    }
+
+    fn ops_per_s(&self) -> f64 {
+        if self.secs > 0.0 {
+            self.ops() as f64 / self.secs
+        } else {
+            0.0
+        }
+    }
+
+    fn quantile_us(&self, q: f64) -> f64 {
+        self.hist.value_at_quantile(q) as f64 / 1000.0
+    }
+}
+
+/// Per-task counters.
+struct TaskStats {
+    ok: u64,
+    dup: u64,
+    err: u64,
+    hist: Histogram<u64>,
+}
+
+impl TaskStats {
+    fn new() -> Self {
+        Self {
+            ok: 0,
+            dup: 0,
+            err: 0,
+            hist: histogram(),
+        }
+    }
+
+    fn record(&mut self, started: Instant, now: Instant) {
+        let ns = u64::try_from(now.duration_since(started).as_nanos()).unwrap_or(u64::MAX);
+        self.hist.saturating_record(ns.max(1));
+    }
+}
+
+/// Everything a run needs, shared by all runs.
+#[derive(Clone)]
+struct Target {
+    store: RedisStore,
+    conn: ConnectionManager,
+}
+
+type Svc = tower_idempotency::Idempotency<
+    tower::util::ServiceFn<fn(String) -> std::future::Ready<Result<(), Infallible>>>,
+    fn(&String) -> Result<Option<IdempotencyKey>, KeyError>,
+>;
+
+fn trivial(_req: String) -> std::future::Ready<Result<(), Infallible>> {
+    std::future::ready(Ok(()))
+}
+
+fn key_of(req: &String) -> Result<Option<IdempotencyKey>, KeyError> {
+    IdempotencyKey::new(req).map(Some)
+}
+
+fn layered(store: RedisStore, coalesce: bool) -> Svc {
+    use tower::Layer;
+    let layer = IdempotencyLayer::new(store, key_of as fn(&String) -> _)
+        .with_ttl(TTL)
+        .with_coalescing(coalesce);
+    layer.layer(tower::service_fn(trivial as fn(String) -> _))
+}
+
+async fn task_loop(imp: Impl, target: Target, svc: Svc, mut keys: KeyGen, deadline: Instant) -> TaskStats {
+    let mut stats = TaskStats::new();
+    let ttl_ms = TTL.as_millis() as u64;
+    let mut conn = target.conn;
+    let mut svc = svc;
+    loop {
+        let key = keys.next_key();
+        let started = Instant::now();
+        match imp {
+            Impl::Raw => {
+                let token = keys.raw_token();
+                let reply: redis::RedisResult<redis::Value> = redis::cmd("SET")
+                    .arg(&key)
+                    .arg(&token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl_ms)
+                    .query_async(&mut conn)
+                    .await;
+                match reply {
+                    Ok(redis::Value::Okay) => stats.ok += 1,
+                    Ok(redis::Value::Nil) => stats.dup += 1,
+                    _ => stats.err += 1,
+                }
+            }
+            Impl::Store => match target.store.claim(&key, &ClaimToken::generate(), TTL).await {
+                Ok(ClaimOutcome::Acquired) => stats.ok += 1,
+                Ok(ClaimOutcome::AlreadyClaimed) => stats.dup += 1,
+                Err(_) => stats.err += 1,
+            },
+            Impl::Layer | Impl::LayerNoCoalesce => {
+                let result = match svc.ready().await {
+                    Ok(ready) => ready.call(key).await,
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(()) => stats.ok += 1,
+                    Err(e) if e.is_duplicate() => stats.dup += 1,
+                    Err(_) => stats.err += 1,
+                }
+            }
+        }
+        let now = Instant::now();
+        stats.record(started, now);
+        if now >= deadline {
+            return stats;
+        }
+    }
+}
+
+/// C tasks doing `imp` for `secs`; returns what they measured.
+async fn run(imp: Impl, pattern: Pattern, c: usize, secs: f64, run_id: u64, target: &Target, redis_pid: u32) -> Stats {
+    let svc = layered(target.store.clone(), imp == Impl::Layer);
+    let cpu0 = CpuSample::take(redis_pid);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(secs);
+    let handles: Vec<_> = (0..c)
+        .map(|task| {
+            tokio::spawn(task_loop(
+                imp,
+                target.clone(),
+                svc.clone(),
+                KeyGen::new(run_id, pattern, task),
+                deadline,
+            ))
+        })
+        .collect();
+    let mut stats = Stats::empty();
+    for h in handles {
+        let t = h.await.expect("benchmark task panicked");
+        stats.ok += t.ok;
+        stats.dup += t.dup;
+        stats.err += t.err;
+        stats.hist.add(&t.hist).expect("histograms share bounds");
+    }
+    stats.secs = start.elapsed().as_secs_f64();
+    stats.cpu = CpuSample::take(redis_pid).since(&cpu0);
+    stats
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU accounting, to see how busy Redis, this process and everything else on the machine were.
+
+#[derive(Default, Clone, Copy)]
+struct CpuUse {
+    /// Wall-clock seconds covered.
+    wall: f64,
+    /// CPU-seconds used by redis-server, by this process, and by everything else.
+    redis: f64,
+    bench: f64,
+    other: f64,
+}
+
+impl CpuUse {
+    fn add(&mut self, o: &CpuUse) {
+        self.wall += o.wall;
+        self.redis += o.redis;
+        self.bench += o.bench;
+        self.other += o.other;
+    }
+
+    /// Cores used on average: redis, bench, other.
+    fn cores(&self) -> (f64, f64, f64) {
+        if self.wall <= 0.0 {
+            return (f64::NAN, f64::NAN, f64::NAN);
+        }
+        (self.redis / self.wall, self.bench / self.wall, self.other / self.wall)
+    }
+}
+
+struct CpuSample {
+    at: Instant,
+    redis_ticks: Option<u64>,
+    self_ticks: Option<u64>,
+    busy_ticks: Option<u64>,
+}
+
+const TICKS_PER_SEC: f64 = 100.0;
+
+impl CpuSample {
+    fn take(redis_pid: u32) -> Self {
+        Self {
+            at: Instant::now(),
+            redis_ticks: proc_ticks(&format!("/proc/{redis_pid}/stat")),
+            self_ticks: proc_ticks("/proc/self/stat"),
+            busy_ticks: machine_busy_ticks(),
+        }
+    }
+
+    fn since(&self, before: &CpuSample) -> CpuUse {
+        let d = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => a.saturating_sub(b) as f64 / TICKS_PER_SEC,
+            _ => f64::NAN,
+        };
+        let redis = d(self.redis_ticks, before.redis_ticks);
+        let bench = d(self.self_ticks, before.self_ticks);
+        let busy = d(self.busy_ticks, before.busy_ticks);
+        CpuUse {
+            wall: self.at.duration_since(before.at).as_secs_f64(),
+            redis,
+            bench,
+            other: (busy - redis - bench).max(0.0),
+        }
+    }
+}
+
+/// utime + stime of a process, in clock ticks.
+fn proc_ticks(path: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(path).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Non-idle ticks of the whole machine (all cores), from /proc/stat.
+fn machine_busy_ticks() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<u64> = s
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3)? + v.get(4)?;
+    Some(total - idle)
+}
+
+// ---------------------------------------------------------------------------------------------
+// ioredis (the seed's TypeScript approach)
+
+struct Ioredis {
+    dir: PathBuf,
+}
+
+struct IoredisRun {
+    ops_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    ok: u64,
+    dup: u64,
+    err: u64,
+    secs: f64,
+}
+
+impl Ioredis {
+    /// Copies the read-only script to a scratch folder and installs its dependencies there once.
+    fn prepare() -> Result<Self, String> {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/bench/ioredis-claim");
+        if !src.join("bench.mjs").is_file() {
+            return Err(format!("{} not found", src.display()));
+        }
+        for tool in ["node", "npm"] {
+            match Command::new(tool).arg("--version").output() {
+                Ok(o) if o.status.success() => {}
+                _ => return Err(format!("`{tool}` is not available on PATH")),
+            }
+        }
+        let dir = scratch_dir().join("ioredis-claim");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let mut changed = false;
+        for file in ["bench.mjs", "package.json", "package-lock.json"] {
+            let new = std::fs::read(src.join(file)).map_err(|e| format!("cannot read {file}: {e}"))?;
+            if std::fs::read(dir.join(file)).ok().as_deref() != Some(new.as_slice()) {
+                std::fs::write(dir.join(file), &new).map_err(|e| format!("cannot write {file}: {e}"))?;
+                changed = true;
+            }
+        }
+        if changed || !dir.join("node_modules/ioredis/package.json").is_file() {
+            eprintln!("ioredis: running `npm ci` in {}", dir.display());
+            let out = Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+                .current_dir(&dir)
+                .output()
+                .map_err(|e| format!("npm ci could not start: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "npm ci failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                        .lines()
+                        .last()
+                        .unwrap_or("(no output)")
+                ));
+            }
+        }
+        Ok(Self { dir })
+    }
+
+    fn run(
+        &self,
+        port: u16,
+        redis_pid: u32,
+        c: usize,
+        pattern: Pattern,
+        secs: f64,
+        warmup: f64,
+    ) -> Result<IoredisRun, String> {
+        let (keys, hot_count) = match pattern {
+            Pattern::Unique => ("unique", HOT_KEYS),
+            Pattern::Hot => ("hot", HOT_KEYS),
+            Pattern::One => ("hot", 1),
+        };
+        let out = Command::new("node")
+            .arg("bench.mjs")
+            .args(["--port", &port.to_string()])
+            .args(["--conc", &c.to_string()])
+            .args(["--duration", &format!("{secs}")])
+            .args(["--warmup", &format!("{warmup}")])
+            .args(["--keys", keys])
+            .args(["--hot-count", &hot_count.to_string()])
+            .args(["--redis-pid", &redis_pid.to_string()])
+            .current_dir(&self.dir)
+            .output()
+            .map_err(|e| format!("node could not start: {e}"))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            return Err(format!(
+                "node exited with {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+            ));
+        }
+        let line = stdout
+            .lines()
+            .rev()
+            .find(|l| l.trim_start().starts_with('{'))
+            .ok_or("no JSON line in node's output")?;
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("bad JSON from node: {e}"))?;
+        let num = |k: &str| v.get(k).and_then(serde_json::Value::as_f64).unwrap_or(f64::NAN);
+        let int = |k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        Ok(IoredisRun {
+            ops_per_s: num("ops_per_s"),
+            p50_us: num("p50_us"),
+            p99_us: num("p99_us"),
+            p999_us: num("p999_us"),
+            ok: int("ok"),
+            dup: int("dup"),
+            err: int("err"),
+            secs: num("secs"),
+        })
+    }
+}
+
+/// `target/` (found from this executable's location), or the temp dir.
+fn scratch_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| {
+            exe.ancestors()
+                .find(|a| a.file_name().is_some_and(|n| n == "target"))
+                .map(Path::to_path_buf)
+        })
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+// ---------------------------------------------------------------------------------------------
+// MemoryStore overhead: the layer's own cost per call, without any network.
+
+fn memory_overhead(secs: f64) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        // Short TTL so the unique-key map is swept and stays bounded, as in a real service.
+        let ttl = Duration::from_secs(1);
+        let per_arm = Duration::from_secs_f64((secs / 3.0).clamp(0.2, 1.0));
+        let mut best = [f64::INFINITY; 3];
+        for _round in 0..3 {
+            for (arm, slot) in best.iter_mut().enumerate() {
+                let ns = match arm {
+                    0 => {
+                        let mut svc = tower::service_fn(trivial as fn(String) -> _);
+                        time_calls(&mut svc, per_arm, false).await
+                    }
+                    1 => {
+                        let mut svc = tower::Layer::layer(
+                            &IdempotencyLayer::new(MemoryStore::new(), key_of as fn(&String) -> _).with_ttl(ttl),
+                            tower::service_fn(trivial as fn(String) -> _),
+                        );
+                        time_calls(&mut svc, per_arm, false).await
+                    }
+                    _ => {
+                        let mut svc = tower::Layer::layer(
+                            &IdempotencyLayer::new(MemoryStore::new(), key_of as fn(&String) -> _).with_ttl(TTL),
+                            tower::service_fn(trivial as fn(String) -> _),
+                        );
+                        time_calls(&mut svc, per_arm, true).await
+                    }
+                };
+                *slot = slot.min(ns);
+            }
+        }
+        let [bare, unique, dup] = best;
+        println!(
+            "MEMORY bare_ns={bare:.0} layer_unique_ns={unique:.0} layer_dup_ns={dup:.0} overhead_unique_ns={:.0} overhead_dup_ns={:.0}",
+            unique - bare,
+            dup - bare
+        );
+        println!(
+            "TARGET memory_overhead_unique < 1000 ns: {:.0} ns {}",
+            unique - bare,
+            pass(unique - bare < 1000.0)
+        );
+    });
+}
+
+/// Mean nanoseconds per call over `dur`; `same_key` makes every call after the first a duplicate.
+async fn time_calls<S, E>(svc: &mut S, dur: Duration, same_key: bool) -> f64
+where
+    S: Service<String, Response = (), Error = E>,
+{
+    let mut keys = KeyGen::new(0, if same_key { Pattern::One } else { Pattern::Unique }, 0);
+    let start = Instant::now();
+    let mut n: u64 = 0;
+    loop {
+        for _ in 0..1024 {
+            let key = keys.next_key();
+            let ready = match svc.ready().await {
+                Ok(r) => r,
+                Err(_) => fail("service not ready"),
+            };
+            let _ = std::hint::black_box(ready.call(key).await);
+        }
+        n += 1024;
+        let elapsed = start.elapsed();
+        if elapsed >= dur {
+            return elapsed.as_nanos() as f64 / n as f64;
+        }
+    }
+}
+
+fn pass(ok: bool) -> &'static str {
+    if ok { "PASS" } else { "MISS" }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+struct Row {
+    c: usize,
+    pattern: Pattern,
+    stats: Vec<(Impl, Stats)>,
+    ioredis: Option<IoredisRun>,
+}
+
+impl Row {
+    fn get(&self, imp: Impl) -> &Stats {
+        &self.stats.iter().find(|(i, _)| *i == imp).expect("every impl ran").1
+    }
+}
+
+fn main() {
+    let args = parse_args();
+    let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let redis_version = Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    println!(
+        "# throughput: seconds={} rounds={} conc={:?} keys={:?} nproc={nproc} cpu=\"{cpu}\"",
+        args.seconds,
+        args.rounds,
+        args.conc,
+        args.patterns.iter().map(|p| p.name()).collect::<Vec<_>>()
+    );
+    println!("# {redis_version}");
+
+    memory_overhead(args.seconds);
+
+    let ioredis = if args.ioredis {
+        match Ioredis::prepare() {
+            Ok(i) => Some(i),
+            Err(why) => {
+                println!("# ioredis: skipped ({why})");
+                None
+            }
+        }
+    } else {
+        println!("# ioredis: skipped (--no-ioredis)");
+        None
+    };
+
+    let server = RedisServer::start();
+    let redis_pid = server.pid();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let target = rt.block_on(async {
+        let store = RedisStore::builder(server.url())
+            .connect()
+            .await
+            .expect("connect to the benchmark's redis-server");
+        let conn = store.connection();
+        Target { store, conn }
+    });
+    let flush = |target: &Target| {
+        rt.block_on(async {
+            let mut conn = target.conn.clone();
+            let _: () = redis::cmd("FLUSHALL")
+                .query_async(&mut conn)
+                .await
+                .expect("FLUSHALL on the benchmark's own server");
+        })
+    };
+
+    let warmup = (args.seconds * 0.1).clamp(0.05, 0.5);
+    let node_warmup = if args.seconds >= 2.0 { 1.0 } else { 0.5 };
+    let impls = [Impl::Raw, Impl::Store, Impl::Layer, Impl::LayerNoCoalesce];
+    let mut run_id = 0u64;
+    let mut rows = Vec::new();
+    let mut ioredis_note_printed = false;
+    for &c in &args.conc {
+        for &pattern in &args.patterns {
+            let mut acc: Vec<(Impl, Stats)> = impls.iter().map(|&i| (i, Stats::empty())).collect();
+            for round in 0..args.rounds {
+                // Rotate the order each round so no implementation always runs first.
+                for k in 0..impls.len() {
+                    let idx = (k + round) % impls.len();
+                    let imp = impls[idx];
+                    flush(&target);
+                    run_id += 1;
+                    rt.block_on(run(imp, pattern, c, warmup, run_id, &target, redis_pid));
+                    run_id += 1;
+                    let stats = rt.block_on(run(imp, pattern, c, args.seconds, run_id, &target, redis_pid));
+                    acc[idx].1.merge(stats);
+                }
+            }
+            for (imp, s) in &acc {
+                print_run(c, pattern, imp.name(), s);
+            }
+            let io = match &ioredis {
+                Some(node) => {
+                    flush(&target);
+                    match node.run(server.port(), redis_pid, c, pattern, args.seconds, node_warmup) {
+                        Ok(r) => {
+                            println!(
+                                "run c={c} keys={} impl=ioredis secs={:.2} ops={} ok={} dup={} err={} ops_per_s={:.0} p50_us={:.1} p99_us={:.1} p999_us={:.1}",
+                                pattern.name(),
+                                r.secs,
+                                r.ok + r.dup + r.err,
+                                r.ok,
+                                r.dup,
+                                r.err,
+                                r.ops_per_s,
+                                r.p50_us,
+                                r.p99_us,
+                                r.p999_us
+                            );
+                            Some(r)
+                        }
+                        Err(why) => {
+                            println!("# ioredis c={c} keys={}: skipped ({why})", pattern.name());
+                            None
+                        }
+                    }
+                }
+                None => {
+                    if !ioredis_note_printed {
+                        println!("# ioredis rows skipped (see above)");
+                        ioredis_note_printed = true;
+                    }
+                    None
+                }
+            };
+            let row = Row {
+                c,
+                pattern,
+                stats: acc,
+                ioredis: io,
+            };
+            print_result(&row);
+            rows.push(row);
+        }
+    }
+    drop(target);
+    drop(rt);
+    drop(server);
+    print_summary(&rows);
+}
+
+fn print_run(c: usize, pattern: Pattern, name: &str, s: &Stats) {
+    let (redis, bench, other) = s.cpu.cores();
+    println!(
+        "run c={c} keys={} impl={name} secs={:.2} ops={} ok={} dup={} err={} ops_per_s={:.0} p50_us={:.1} p99_us={:.1} p999_us={:.1} cpu_redis={redis:.2} cpu_bench={bench:.2} cpu_other={other:.2}",
+        pattern.name(),
+        s.secs,
+        s.ops(),
+        s.ok,
+        s.dup,
+        s.err,
+        s.ops_per_s(),
+        s.quantile_us(0.5),
+        s.quantile_us(0.99),
+        s.quantile_us(0.999),
+    );
+}
+
+fn print_result(row: &Row) {
+    let raw = row.get(Impl::Raw);
+    let store = row.get(Impl::Store);
+    let layer = row.get(Impl::Layer);
+    let layer_nc = row.get(Impl::LayerNoCoalesce);
+    println!(
+        "RESULT c={} keys={} raw={:.0} store={:.0} layer={:.0} ratio={:.3} p99_raw_us={:.1} p99_layer_us={:.1}",
+        row.c,
+        row.pattern.name(),
+        raw.ops_per_s(),
+        store.ops_per_s(),
+        layer.ops_per_s(),
+        layer.ops_per_s() / raw.ops_per_s(),
+        raw.quantile_us(0.99),
+        layer.quantile_us(0.99),
+    );
+    let io = match &row.ioredis {
+        Some(r) => format!(
+            "ioredis={:.0} layer/ioredis={:.3} p99_ioredis_us={:.1}",
+            r.ops_per_s,
+            layer.ops_per_s() / r.ops_per_s,
+            r.p99_us
+        ),
+        None => "ioredis=skipped".to_string(),
+    };
+    println!(
+        "EXTRA c={} keys={} store/raw={:.3} layer_nc={:.0} layer_nc/raw={:.3} p99_store_us={:.1} p99_layer_nc_us={:.1} {io}",
+        row.c,
+        row.pattern.name(),
+        store.ops_per_s() / raw.ops_per_s(),
+        layer_nc.ops_per_s(),
+        layer_nc.ops_per_s() / raw.ops_per_s(),
+        store.quantile_us(0.99),
+        layer_nc.quantile_us(0.99),
+    );
+}
+
+fn print_summary(rows: &[Row]) {
+    println!();
+    println!(
+        "| c | keys | raw ops/s | store ops/s | layer ops/s | layer (no coalescing) ops/s | ioredis ops/s | store/raw | layer/raw | layer_nc/raw | layer/ioredis | p50 raw/store/layer µs | p99 raw/store/layer/layer_nc/ioredis µs | p999 raw/layer µs |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for row in rows {
+        let (raw, store, layer, nc) = (
+            row.get(Impl::Raw),
+            row.get(Impl::Store),
+            row.get(Impl::Layer),
+            row.get(Impl::LayerNoCoalesce),
+        );
+        let (io_ops, io_ratio, io_p99) = match &row.ioredis {
+            Some(r) => (
+                format!("{:.0}", r.ops_per_s),
+                format!("{:.2}", layer.ops_per_s() / r.ops_per_s),
+                format!("{:.0}", r.p99_us),
+            ),
+            None => ("skipped".into(), "–".into(), "–".into()),
+        };
+        println!(
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {io_ops} | {:.2} | {:.2} | {:.2} | {io_ratio} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} / {:.0} / {:.0} / {io_p99} | {:.0} / {:.0} |",
+            row.c,
+            row.pattern.name(),
+            raw.ops_per_s(),
+            store.ops_per_s(),
+            layer.ops_per_s(),
+            nc.ops_per_s(),
+            store.ops_per_s() / raw.ops_per_s(),
+            layer.ops_per_s() / raw.ops_per_s(),
+            nc.ops_per_s() / raw.ops_per_s(),
+            raw.quantile_us(0.5),
+            store.quantile_us(0.5),
+            layer.quantile_us(0.5),
+            raw.quantile_us(0.99),
+            store.quantile_us(0.99),
+            layer.quantile_us(0.99),
+            nc.quantile_us(0.99),
+            raw.quantile_us(0.999),
+            layer.quantile_us(0.999),
+        );
+    }
+    println!();
+    for row in rows.iter().filter(|r| r.c == 64) {
+        let raw = row.get(Impl::Raw);
+        let layer = row.get(Impl::Layer);
+        let ratio = layer.ops_per_s() / raw.ops_per_s();
+        match row.pattern {
+            Pattern::Unique => {
+                println!(
+                    "TARGET layer/raw unique c=64 >= 0.90: {ratio:.3} {}",
+                    pass(ratio >= 0.90)
+                );
+                let p = layer.quantile_us(0.99) / raw.quantile_us(0.99);
+                println!("TARGET p99 layer/raw unique c=64 <= 1.5: {p:.2} {}", pass(p <= 1.5));
+            }
+            Pattern::One => println!(
+                "TARGET layer/raw one c=64 >= 2 (coalescing): {ratio:.3} {}",
+                pass(ratio >= 2.0)
+            ),
+            Pattern::Hot => {}
+        }
+    }
+}
