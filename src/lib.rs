@@ -55,6 +55,8 @@ mod coalesce;
 mod error;
 mod extract;
 mod future;
+#[cfg(feature = "http")]
+pub mod http;
 mod key;
 mod layer;
 mod report;

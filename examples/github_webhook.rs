@@ -1,0 +1,2 @@
+//! Placeholder while the reference webhook router is written.
+fn main() {}

@@ -1,0 +1,229 @@
+//! The HTTP response future: buffer the body, check, extract, then drive the core future and
+//! turn its short-circuits into responses.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::combinators::Collect;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use pin_project::pin_project;
+use tower_service::Service;
+
+use super::extract::ExtractError;
+use super::service::{ClaimFromExtensions, Front, PendingClaim};
+use super::{HttpKeyExtractor, ShortCircuitResponse, VerifyRequest};
+use crate::extract::BoxError;
+use crate::future::Chain;
+use crate::{ClassifyOutcome, Idempotency, IdempotencyError};
+
+/// Response future of [`HttpIdempotency`](super::HttpIdempotency).
+///
+/// A state machine: `Buffering` (read the body up to the limit) → checks and extraction, done
+/// at once → `Claiming` (the core [`ResponseFuture`](crate::ResponseFuture): claim, call the
+/// handler, keep or release) → response. A short-circuit at any step ends in `Answered`. When
+/// neither the extractor nor the verifier reads the body, `Buffering` is skipped.
+///
+/// Dropping it before the claim settles is handled by the core future (see its docs).
+#[pin_project]
+pub struct ResponseFuture<S, B, C, X, V, R>
+where
+    S: Service<Request<B>>,
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    #[pin]
+    state: State<S, B, C>,
+    front: Arc<Front<X, V, R>>,
+}
+
+#[pin_project(project = StateProj)]
+enum State<S, B, C>
+where
+    S: Service<Request<B>>,
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    Buffering {
+        #[pin]
+        collect: Collect<Limited<B>>,
+        parts: Option<Parts>,
+        core: Option<Idempotency<S, ClaimFromExtensions, C>>,
+    },
+    Claiming {
+        #[pin]
+        fut: crate::ResponseFuture<S, Request<B>, C>,
+    },
+    Answered {
+        response: Option<Response<Bytes>>,
+    },
+}
+
+impl<S, B, C, X, V, R> fmt::Debug for ResponseFuture<S, B, C, X, V, R>
+where
+    S: Service<Request<B>>,
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Buffering { .. } => "buffering",
+            State::Claiming { .. } => "claiming",
+            State::Answered { .. } => "answered",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, B, C, X, V, R> ResponseFuture<S, B, C, X, V, R>
+where
+    S: Service<Request<B>>,
+    B: Body,
+    B::Error: Into<BoxError>,
+    X: HttpKeyExtractor,
+    V: VerifyRequest,
+    R: ShortCircuitResponse,
+{
+    pub(crate) fn new(req: Request<B>, mut core: Idempotency<S, ClaimFromExtensions, C>, front: Arc<Front<X, V, R>>) -> Self
+    where
+        S: Clone,
+        C: ClassifyOutcome<S::Response, S::Error> + Clone,
+    {
+        let (mut parts, body) = req.into_parts();
+        let state = if !front.needs_body() {
+            match reject(&front, &mut parts, &Bytes::new()) {
+                None => State::Claiming {
+                    fut: core.call(Request::from_parts(parts, body)),
+                },
+                rejection => State::Answered { response: rejection },
+            }
+        } else if body.size_hint().lower() > front.body_limit as u64 {
+            // Content-Length already says it is too large: do not read it.
+            State::Answered {
+                response: Some(too_large(&front)),
+            }
+        } else {
+            State::Buffering {
+                collect: Limited::new(body, front.body_limit).collect(),
+                parts: Some(parts),
+                core: Some(core),
+            }
+        };
+        Self { state, front }
+    }
+}
+
+/// Signature check, then key extraction. Returns the rejection's response, or `None` to go on
+/// (with the key, if any, in the extensions).
+fn reject<X, V, R>(front: &Front<X, V, R>, parts: &mut Parts, body: &Bytes) -> Option<Response<Bytes>>
+where
+    X: HttpKeyExtractor,
+    V: VerifyRequest,
+    R: ShortCircuitResponse,
+{
+    if let Err(error) = front.verifier.verify(parts, body) {
+        tracing::warn!(outcome = "unauthorized", error = %Chain(&error), "rejected: signature check failed; nothing claimed");
+        return Some(front.responses.unauthorized(&error));
+    }
+    // Only a key extracted here may be claimed (not one left by an outer layer).
+    parts.extensions.remove::<PendingClaim>();
+    match front.extractor.extract(parts, body) {
+        Ok(Some(key)) => {
+            parts.extensions.insert(key.clone());
+            parts.extensions.insert(PendingClaim(key));
+            None
+        }
+        Ok(None) => None,
+        Err(error) => {
+            tracing::info!(outcome = "invalid", error = %Chain(&error), "rejected: no valid idempotency key; nothing claimed");
+            Some(front.responses.invalid(&error))
+        }
+    }
+}
+
+fn too_large<X, V, R: ShortCircuitResponse>(front: &Front<X, V, R>) -> Response<Bytes> {
+    tracing::info!(outcome = "too_large", limit = front.body_limit, "rejected: body over the limit; nothing claimed");
+    front.responses.too_large(front.body_limit)
+}
+
+impl<S, B, C, X, V, R, ResBody> Future for ResponseFuture<S, B, C, X, V, R>
+where
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone,
+    B: Body + From<Bytes>,
+    B::Error: Into<BoxError>,
+    ResBody: From<Bytes>,
+    X: HttpKeyExtractor,
+    V: VerifyRequest,
+    R: ShortCircuitResponse,
+    C: ClassifyOutcome<Response<ResBody>, S::Error> + Clone,
+{
+    type Output = Result<Response<ResBody>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Buffering { collect, parts, core } => {
+                    let collected = ready!(collect.poll(cx));
+                    let (Some(mut parts), Some(mut core)) = (parts.take(), core.take()) else {
+                        polled_after_completion()
+                    };
+                    let next = match collected {
+                        Ok(collected) => {
+                            let bytes = collected.to_bytes();
+                            match reject(this.front, &mut parts, &bytes) {
+                                None => State::Claiming {
+                                    fut: core.call(Request::from_parts(parts, B::from(bytes))),
+                                },
+                                rejection => State::Answered { response: rejection },
+                            }
+                        }
+                        Err(error) if error.is::<LengthLimitError>() => State::Answered {
+                            response: Some(too_large(this.front)),
+                        },
+                        Err(source) => {
+                            let error = ExtractError::UnreadableBody { source };
+                            tracing::info!(outcome = "invalid", error = %Chain(&error), "rejected: body unreadable; nothing claimed");
+                            State::Answered {
+                                response: Some(this.front.responses.invalid(&error)),
+                            }
+                        }
+                    };
+                    this.state.set(next);
+                }
+                StateProj::Claiming { fut } => {
+                    let responses = &this.front.responses;
+                    let response = match ready!(fut.poll(cx)) {
+                        Ok(response) => response,
+                        Err(IdempotencyError::Inner(error)) => return Poll::Ready(Err(error)),
+                        Err(IdempotencyError::Duplicate { key }) => responses.duplicate(&key).map(ResBody::from),
+                        Err(IdempotencyError::StoreUnavailable { .. }) => responses.unavailable().map(ResBody::from),
+                        Err(IdempotencyError::ClaimLost { key }) => responses.claim_lost(&key).map(ResBody::from),
+                        Err(IdempotencyError::InvalidKey { source }) => responses.invalid(&*source).map(ResBody::from),
+                    };
+                    return Poll::Ready(Ok(response));
+                }
+                StateProj::Answered { response } => {
+                    let Some(response) = response.take() else {
+                        polled_after_completion()
+                    };
+                    return Poll::Ready(Ok(response.map(ResBody::from)));
+                }
+            }
+        }
+    }
+}
+
+fn polled_after_completion() -> ! {
+    // A caller broke the `Future` contract, as `async fn` also panics when resumed after
+    // completion.
+    panic!("tower_idempotency::http::ResponseFuture polled after completion")
+}

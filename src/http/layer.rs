@@ -1,0 +1,289 @@
+//! The HTTP layer: core settings plus what HTTP needs (extractor, signature check, responses,
+//! body limit).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower_layer::Layer;
+
+use super::classify::HttpClassifier;
+use super::response::JsonResponses;
+use super::service::{ClaimFromExtensions, Front, HttpIdempotency};
+use super::signature::{GitHubSignature, GitLabToken, NoVerification};
+use super::webhook::{GitHubDispatchKey, GitLabDispatchKey};
+use crate::store::IdempotencyStore;
+use crate::{IdempotencyLayer, LostClaimPolicy, StoreErrorPolicy};
+
+/// Default limit on a buffered body: 25 MB, GitHub's cap on webhook payloads.
+pub const DEFAULT_BODY_LIMIT: usize = 25 * 1024 * 1024;
+
+/// The HTTP form of [`IdempotencyLayer`]: claims a key before the handler runs and answers
+/// short-circuits with responses, so it drops into `axum::Router::layer` / `route_layer` with no
+/// `HandleErrorLayer`. The wrapped service's error type is unchanged.
+///
+/// Required: a store and an [`HttpKeyExtractor`](super::HttpKeyExtractor). Defaults: no
+/// signature check ([`NoVerification`]), [`HttpClassifier`] (release on `429` or
+/// [`Blocked`](super::Blocked)), [`JsonResponses`] (duplicate `409`), body limit
+/// [`DEFAULT_BODY_LIMIT`], and the core defaults (TTL 300 s, no namespace, fail closed). Every
+/// core setting is reachable through [`from_core`](Self::from_core); the common ones have `with_*`
+/// methods here.
+///
+/// The wrapped service must take and return bodies that can be made from
+/// [`Bytes`](bytes::Bytes) (`axum::body::Body` and `http_body_util::Full<Bytes>` can).
+///
+/// ```
+/// use std::time::Duration;
+/// use axum::{Router, routing::post, http::StatusCode};
+/// use tower_idempotency::{MemoryStore, StoreErrorPolicy};
+/// use tower_idempotency::http::{DispatchRules, GitHubDispatchKey, GitHubSignature, HttpIdempotencyLayer, JsonResponses};
+///
+/// let layer = HttpIdempotencyLayer::new(
+///     MemoryStore::new(),
+///     GitHubDispatchKey::new().with_filter(DispatchRules::new().allow("check_suite", Some("completed"), Some("success"))),
+/// )
+/// .with_verifier(GitHubSignature::new("webhook secret"))
+/// .with_responses(JsonResponses::webhook())
+/// .with_namespace("github-dispatch:")
+/// .with_ttl(Duration::from_secs(300))
+/// .with_store_error_policy(StoreErrorPolicy::FailClosed);
+///
+/// let app: Router = Router::new()
+///     .route("/webhooks/github", post(|| async { StatusCode::ACCEPTED }))
+///     .route_layer(layer);
+/// # let _ = app;
+/// ```
+pub struct HttpIdempotencyLayer<X, V = NoVerification, C = HttpClassifier, R = JsonResponses> {
+    core: IdempotencyLayer<ClaimFromExtensions, C>,
+    extractor: X,
+    verifier: V,
+    responses: R,
+    body_limit: usize,
+}
+
+impl<X: Clone, V: Clone, C: Clone, R: Clone> Clone for HttpIdempotencyLayer<X, V, C, R> {
+    fn clone(&self) -> Self {
+        Self {
+            core: self.core.clone(),
+            extractor: self.extractor.clone(),
+            verifier: self.verifier.clone(),
+            responses: self.responses.clone(),
+            body_limit: self.body_limit,
+        }
+    }
+}
+
+impl<X, V, C: fmt::Debug, R> fmt::Debug for HttpIdempotencyLayer<X, V, C, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpIdempotencyLayer")
+            .field("core", &self.core)
+            .field("body_limit", &self.body_limit)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<X> HttpIdempotencyLayer<X> {
+    /// A layer that claims keys from `extractor` in `store`.
+    pub fn new<St: IdempotencyStore>(store: St, extractor: X) -> Self {
+        Self::from_core(IdempotencyLayer::new(store, ClaimFromExtensions), extractor)
+    }
+
+    /// A layer with the settings of `core` (store, TTL, namespace, store-error policy, shadow
+    /// mode, renewal, coalescing, Sentry reporting) and keys from `extractor`. The core layer's
+    /// own extractor and classifier are replaced: keys come from `extractor`, outcomes are
+    /// classified by [`HttpClassifier`] (see [`with_classifier`](Self::with_classifier)).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::{IdempotencyKey, IdempotencyLayer, KeyError, MemoryStore};
+    /// use tower_idempotency::http::{HeaderKey, HttpIdempotencyLayer};
+    ///
+    /// let core = IdempotencyLayer::new(MemoryStore::new(), |_: &()| Ok::<Option<IdempotencyKey>, KeyError>(None))
+    ///     .with_renewal(Duration::from_secs(100))
+    ///     .with_report_interval(Duration::from_secs(60));
+    /// let layer = HttpIdempotencyLayer::from_core(core, HeaderKey::idempotency_key());
+    /// assert_eq!(layer.ttl(), Duration::from_secs(300));
+    /// ```
+    pub fn from_core<Y, C0>(core: IdempotencyLayer<Y, C0>, extractor: X) -> Self {
+        Self {
+            core: core
+                .with_extractor(ClaimFromExtensions)
+                .with_classifier(HttpClassifier::new()),
+            extractor,
+            verifier: NoVerification,
+            responses: JsonResponses::new(),
+            body_limit: DEFAULT_BODY_LIMIT,
+        }
+    }
+}
+
+impl HttpIdempotencyLayer<GitHubDispatchKey, GitHubSignature> {
+    /// The GitHub webhook preset: [`GitHubDispatchKey`] (every event that names a pull request
+    /// dispatches; narrow it with [`with_extractor`](Self::with_extractor)), signatures checked
+    /// with `secret`, duplicates answered `200 OK` ([`JsonResponses::webhook`]).
+    ///
+    /// ```
+    /// use tower_idempotency::MemoryStore;
+    /// use tower_idempotency::http::HttpIdempotencyLayer;
+    ///
+    /// let layer = HttpIdempotencyLayer::github_webhook(MemoryStore::new(), "webhook secret")
+    ///     .with_namespace("github-dispatch:");
+    /// assert_eq!(layer.namespace(), "github-dispatch:");
+    /// ```
+    pub fn github_webhook<St: IdempotencyStore>(store: St, secret: impl AsRef<[u8]>) -> Self {
+        HttpIdempotencyLayer::new(store, GitHubDispatchKey::new())
+            .with_verifier(GitHubSignature::new(secret))
+            .with_responses(JsonResponses::webhook())
+    }
+}
+
+impl HttpIdempotencyLayer<GitLabDispatchKey, GitLabToken> {
+    /// The GitLab webhook preset: [`GitLabDispatchKey`], `X-Gitlab-Token` checked against
+    /// `token`, duplicates answered `200 OK` ([`JsonResponses::webhook`]).
+    ///
+    /// ```
+    /// use tower_idempotency::MemoryStore;
+    /// use tower_idempotency::http::HttpIdempotencyLayer;
+    ///
+    /// let layer = HttpIdempotencyLayer::gitlab_webhook(MemoryStore::new(), "webhook token");
+    /// # let _ = layer;
+    /// ```
+    pub fn gitlab_webhook<St: IdempotencyStore>(store: St, token: impl AsRef<[u8]>) -> Self {
+        HttpIdempotencyLayer::new(store, GitLabDispatchKey::new())
+            .with_verifier(GitLabToken::new(token))
+            .with_responses(JsonResponses::webhook())
+    }
+}
+
+impl<X, V, C, R> HttpIdempotencyLayer<X, V, C, R> {
+    /// Replaces the key extractor.
+    pub fn with_extractor<X2>(self, extractor: X2) -> HttpIdempotencyLayer<X2, V, C, R> {
+        HttpIdempotencyLayer {
+            core: self.core,
+            extractor,
+            verifier: self.verifier,
+            responses: self.responses,
+            body_limit: self.body_limit,
+        }
+    }
+
+    /// Checks every request with `verifier` before anything else (a refused request is answered
+    /// `401` and takes no claim).
+    pub fn with_verifier<V2>(self, verifier: V2) -> HttpIdempotencyLayer<X, V2, C, R> {
+        HttpIdempotencyLayer {
+            core: self.core,
+            extractor: self.extractor,
+            verifier,
+            responses: self.responses,
+            body_limit: self.body_limit,
+        }
+    }
+
+    /// Replaces the short-circuit responses.
+    pub fn with_responses<R2>(self, responses: R2) -> HttpIdempotencyLayer<X, V, C, R2> {
+        HttpIdempotencyLayer {
+            core: self.core,
+            extractor: self.extractor,
+            verifier: self.verifier,
+            responses,
+            body_limit: self.body_limit,
+        }
+    }
+
+    /// Replaces the outcome classifier, which decides keep or release from the handler's
+    /// response. Any [`ClassifyOutcome<Response<B>, E>`](crate::ClassifyOutcome) fits, closures
+    /// included.
+    pub fn with_classifier<C2>(self, classifier: C2) -> HttpIdempotencyLayer<X, V, C2, R> {
+        HttpIdempotencyLayer {
+            core: self.core.with_classifier(classifier),
+            extractor: self.extractor,
+            verifier: self.verifier,
+            responses: self.responses,
+            body_limit: self.body_limit,
+        }
+    }
+
+    /// The largest body buffered, in bytes (default [`DEFAULT_BODY_LIMIT`]); a larger one is
+    /// answered `413`. Applies when the extractor or the verifier reads the body.
+    pub fn with_body_limit(mut self, limit: usize) -> Self {
+        self.body_limit = limit;
+        self
+    }
+
+    /// How long a claim lives (default 300 s). See [`IdempotencyLayer::with_ttl`].
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.core = self.core.with_ttl(ttl);
+        self
+    }
+
+    /// A prefix added to every key in the store. See [`IdempotencyLayer::with_namespace`].
+    pub fn with_namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.core = self.core.with_namespace(namespace);
+        self
+    }
+
+    /// Fail closed (default, `503`) or fail open when the store cannot answer. See
+    /// [`IdempotencyLayer::with_store_error_policy`].
+    pub fn with_store_error_policy(mut self, policy: StoreErrorPolicy) -> Self {
+        self.core = self.core.with_store_error_policy(policy);
+        self
+    }
+
+    /// Shadow mode: claims are taken, but every request reaches the handler. See
+    /// [`IdempotencyLayer::with_shadow_mode`].
+    pub fn with_shadow_mode(mut self, shadow: bool) -> Self {
+        self.core = self.core.with_shadow_mode(shadow);
+        self
+    }
+
+    /// Renews a running handler's claim every `every`. See [`IdempotencyLayer::with_renewal`].
+    pub fn with_renewal(mut self, every: Duration) -> Self {
+        self.core = self.core.with_renewal(every);
+        self
+    }
+
+    /// What to do when renewal finds the claim lost. See
+    /// [`IdempotencyLayer::with_lost_claim_policy`].
+    pub fn with_lost_claim_policy(mut self, policy: LostClaimPolicy) -> Self {
+        self.core = self.core.with_lost_claim_policy(policy);
+        self
+    }
+
+    /// Concurrent requests with the same key in this process share one store round trip. See
+    /// [`IdempotencyLayer::with_coalescing`].
+    pub fn with_coalescing(mut self, coalesce: bool) -> Self {
+        self.core = self.core.with_coalescing(coalesce);
+        self
+    }
+
+    /// The body limit in bytes.
+    pub fn body_limit(&self) -> usize {
+        self.body_limit
+    }
+
+    /// The claim TTL.
+    pub fn ttl(&self) -> Duration {
+        self.core.ttl()
+    }
+
+    /// The key namespace.
+    pub fn namespace(&self) -> &str {
+        self.core.namespace()
+    }
+}
+
+impl<S, X: Clone, V: Clone, C: Clone, R: Clone> Layer<S> for HttpIdempotencyLayer<X, V, C, R> {
+    type Service = HttpIdempotency<S, X, V, C, R>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        HttpIdempotency::from_parts(
+            self.core.layer(inner),
+            Arc::new(Front {
+                extractor: self.extractor.clone(),
+                verifier: self.verifier.clone(),
+                responses: self.responses.clone(),
+                body_limit: self.body_limit,
+            }),
+        )
+    }
+}

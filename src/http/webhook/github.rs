@@ -1,0 +1,295 @@
+//! GitHub: (repository, pull request, head SHA) by `X-GitHub-Event`.
+
+use bytes::Bytes;
+use http::HeaderName;
+use http::request::Parts;
+use serde::Deserialize;
+
+use super::{AllEvents, DispatchFilter, ExtractError, Found, finish, header_text, parse, pull_request_from_ref};
+use crate::IdempotencyKey;
+use crate::http::HttpKeyExtractor;
+
+const X_GITHUB_EVENT: HeaderName = HeaderName::from_static("x-github-event");
+const X_GITHUB_DELIVERY: HeaderName = HeaderName::from_static("x-github-delivery");
+
+/// The dispatch key of a GitHub webhook delivery: `repository:pr:head_sha`, the same key as
+/// [`IdempotencyKey::for_pull_request`], so a webhook router and a queue worker that dispatch the
+/// same review agree on it.
+///
+/// | `X-GitHub-Event` | repository | pull request | head SHA |
+/// |---|---|---|---|
+/// | `check_suite` | `.repository.full_name` | `.check_suite.pull_requests[0].number`, else `.check_suite.head_branch` = `refs/pull/N/head` | `.check_suite.head_sha` |
+/// | `check_run` | `.repository.full_name` | `.check_run.pull_requests[0].number`, else `.check_run.check_suite.pull_requests[0].number`, else `.check_run.check_suite.head_branch` = `refs/pull/N/head` | `.check_run.head_sha` |
+/// | `workflow_run` | `.repository.full_name` | `.workflow_run.pull_requests[0].number`, else `.workflow_run.head_branch` = `refs/pull/N/head` | `.workflow_run.head_sha` |
+/// | `pull_request` | `.repository.full_name` | `.pull_request.number` (else `.number`) | `.pull_request.head.sha` |
+/// | `pull_request_review` | `.repository.full_name` | `.pull_request.number` | `.pull_request.head.sha` |
+///
+/// Every other event (`push`, `status`, `ping`, `issue_comment`, …) passes through unclaimed
+/// without its body being parsed, and so does a listed event that names no pull request (a fork's
+/// suite, whose `pull_requests` is empty and whose `head_branch` names no PR) or that the
+/// [filter](Self::with_filter) rejects. A listed event whose body is not JSON, has a needed field
+/// of the wrong type, or lacks the repository or head SHA is answered `400`. A missing
+/// `X-GitHub-Event` header is `400` too. The [`DispatchTarget`](super::DispatchTarget) found is
+/// put into the request's extensions.
+///
+/// What it trusts: the body. Pair it with [`GitHubSignature`](crate::http::GitHubSignature).
+///
+/// ```
+/// use bytes::Bytes;
+/// use tower_idempotency::http::{DispatchRules, DispatchTarget, GitHubDispatchKey, HttpKeyExtractor};
+///
+/// let extractor = GitHubDispatchKey::new()
+///     .with_filter(DispatchRules::new().allow("check_suite", Some("completed"), Some("success")));
+/// let body = Bytes::from_static(br#"{"action":"completed","repository":{"full_name":"o/r"},
+///     "check_suite":{"head_sha":"EC26C3E5","conclusion":"success","pull_requests":[{"number":2}]}}"#);
+/// let (mut parts, ()) = http::Request::post("/").header("x-github-event", "check_suite").body(()).unwrap().into_parts();
+/// let key = extractor.extract(&mut parts, &body).unwrap().unwrap();
+/// assert_eq!(key.as_str(), "o/r:2:ec26c3e5");
+/// assert_eq!(parts.extensions.get::<DispatchTarget>().unwrap().pull_request, 2);
+///
+/// let (mut push, ()) = http::Request::post("/").header("x-github-event", "push").body(()).unwrap().into_parts();
+/// assert!(extractor.extract(&mut push, &Bytes::from_static(b"{}")).unwrap().is_none());
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct GitHubDispatchKey<F = AllEvents> {
+    filter: F,
+}
+
+impl GitHubDispatchKey {
+    /// Every event that names a pull request dispatches.
+    pub fn new() -> Self {
+        Self { filter: AllEvents }
+    }
+}
+
+impl<F> GitHubDispatchKey<F> {
+    /// Only events `filter` accepts dispatch (and take a claim); others pass through unclaimed.
+    pub fn with_filter<F2: DispatchFilter>(self, filter: F2) -> GitHubDispatchKey<F2> {
+        GitHubDispatchKey { filter }
+    }
+
+    /// The filter.
+    pub fn filter(&self) -> &F {
+        &self.filter
+    }
+}
+
+#[derive(Deserialize)]
+struct Repository {
+    full_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct PullRequestRef {
+    number: Option<u64>,
+}
+
+/// The part of a `check_suite` or `workflow_run` we read.
+#[derive(Deserialize)]
+struct Run {
+    head_sha: Option<String>,
+    head_branch: Option<String>,
+    conclusion: Option<String>,
+    pull_requests: Option<Vec<PullRequestRef>>,
+}
+
+#[derive(Deserialize)]
+struct CheckSuiteEvent {
+    action: Option<String>,
+    repository: Option<Repository>,
+    check_suite: Option<Run>,
+}
+
+#[derive(Deserialize)]
+struct WorkflowRunEvent {
+    action: Option<String>,
+    repository: Option<Repository>,
+    workflow_run: Option<Run>,
+}
+
+#[derive(Deserialize)]
+struct CheckRunSuite {
+    head_branch: Option<String>,
+    pull_requests: Option<Vec<PullRequestRef>>,
+}
+
+#[derive(Deserialize)]
+struct CheckRun {
+    head_sha: Option<String>,
+    conclusion: Option<String>,
+    pull_requests: Option<Vec<PullRequestRef>>,
+    check_suite: Option<CheckRunSuite>,
+}
+
+#[derive(Deserialize)]
+struct CheckRunEvent {
+    action: Option<String>,
+    repository: Option<Repository>,
+    check_run: Option<CheckRun>,
+}
+
+#[derive(Deserialize)]
+struct Head {
+    sha: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct PullRequest {
+    number: Option<u64>,
+    head: Option<Head>,
+}
+
+#[derive(Deserialize)]
+struct Review {
+    state: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct PullRequestEvent {
+    action: Option<String>,
+    repository: Option<Repository>,
+    number: Option<u64>,
+    pull_request: Option<PullRequest>,
+    review: Option<Review>,
+}
+
+/// The first listed PR's number: `Ok(None)` for an empty (or absent) list, `Err(field)` when the
+/// first entry has no number.
+fn first_pull_request(list: Option<&[PullRequestRef]>, field: &'static str) -> Result<Option<u64>, &'static str> {
+    match list.and_then(|l| l.first()) {
+        None => Ok(None),
+        Some(PullRequestRef { number: Some(n) }) => Ok(Some(*n)),
+        Some(PullRequestRef { number: None }) => Err(field),
+    }
+}
+
+/// `pull_requests[0].number`, else a `refs/pull/N/head` branch.
+fn pull_request_of(
+    list: Option<&[PullRequestRef]>,
+    field: &'static str,
+    head_branch: Option<&str>,
+) -> Result<Option<u64>, &'static str> {
+    match first_pull_request(list, field)? {
+        Some(n) => Ok(Some(n)),
+        None => Ok(head_branch.and_then(pull_request_from_ref)),
+    }
+}
+
+fn full_name(repository: Option<Repository>) -> Option<String> {
+    repository.and_then(|r| r.full_name)
+}
+
+fn run_found(action: Option<String>, repository: Option<Repository>, run: Option<Run>, prefix: Prefix) -> Found {
+    let (head_sha, head_branch, conclusion, pull_requests) = match run {
+        Some(r) => (r.head_sha, r.head_branch, r.conclusion, r.pull_requests),
+        None => (None, None, None, None),
+    };
+    Found {
+        action,
+        conclusion,
+        project: full_name(repository),
+        project_field: "repository.full_name",
+        pull_request: pull_request_of(pull_requests.as_deref(), prefix.pr_field(), head_branch.as_deref()),
+        head_sha,
+        head_sha_field: prefix.sha_field(),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Prefix {
+    CheckSuite,
+    WorkflowRun,
+}
+
+impl Prefix {
+    fn pr_field(self) -> &'static str {
+        match self {
+            Prefix::CheckSuite => "check_suite.pull_requests[0].number",
+            Prefix::WorkflowRun => "workflow_run.pull_requests[0].number",
+        }
+    }
+
+    fn sha_field(self) -> &'static str {
+        match self {
+            Prefix::CheckSuite => "check_suite.head_sha",
+            Prefix::WorkflowRun => "workflow_run.head_sha",
+        }
+    }
+}
+
+fn check_run_found(event: CheckRunEvent) -> Found {
+    let run = event.check_run;
+    let (head_sha, conclusion, own, suite) = match run {
+        Some(r) => (r.head_sha, r.conclusion, r.pull_requests, r.check_suite),
+        None => (None, None, None, None),
+    };
+    let (suite_branch, suite_prs) = match suite {
+        Some(s) => (s.head_branch, s.pull_requests),
+        None => (None, None),
+    };
+    let pull_request = match first_pull_request(own.as_deref(), "check_run.pull_requests[0].number") {
+        Ok(None) => pull_request_of(
+            suite_prs.as_deref(),
+            "check_run.check_suite.pull_requests[0].number",
+            suite_branch.as_deref(),
+        ),
+        other => other,
+    };
+    Found {
+        action: event.action,
+        conclusion,
+        project: full_name(event.repository),
+        project_field: "repository.full_name",
+        pull_request,
+        head_sha,
+        head_sha_field: "check_run.head_sha",
+    }
+}
+
+fn pull_request_found(event: PullRequestEvent, is_review: bool) -> Found {
+    let (number, head_sha) = match event.pull_request {
+        Some(pr) => (pr.number, pr.head.and_then(|h| h.sha)),
+        None => (None, None),
+    };
+    let number = if is_review { number } else { number.or(event.number) };
+    Found {
+        action: event.action,
+        conclusion: if is_review { event.review.and_then(|r| r.state) } else { None },
+        project: full_name(event.repository),
+        project_field: "repository.full_name",
+        // Every pull_request(_review) event is about a pull request: no number is malformed.
+        pull_request: number.map(Some).ok_or("pull_request.number"),
+        head_sha,
+        head_sha_field: "pull_request.head.sha",
+    }
+}
+
+impl<F: DispatchFilter> HttpKeyExtractor for GitHubDispatchKey<F> {
+    type Error = ExtractError;
+
+    fn extract(&self, parts: &mut Parts, body: &Bytes) -> Result<Option<IdempotencyKey>, ExtractError> {
+        let Some(event) = header_text(parts, &X_GITHUB_EVENT)? else {
+            return Err(ExtractError::MissingHeader { name: X_GITHUB_EVENT });
+        };
+        let found = match event {
+            "check_suite" => {
+                let e: CheckSuiteEvent = parse(event, body)?;
+                run_found(e.action, e.repository, e.check_suite, Prefix::CheckSuite)
+            }
+            "workflow_run" => {
+                let e: WorkflowRunEvent = parse(event, body)?;
+                run_found(e.action, e.repository, e.workflow_run, Prefix::WorkflowRun)
+            }
+            "check_run" => check_run_found(parse(event, body)?),
+            "pull_request" => pull_request_found(parse(event, body)?, false),
+            "pull_request_review" => pull_request_found(parse(event, body)?, true),
+            _ => {
+                tracing::debug!(event, outcome = "pass_through", "not a pull-request event; passing through unclaimed");
+                return Ok(None);
+            }
+        };
+        let event = event.to_owned();
+        let delivery = header_text(parts, &X_GITHUB_DELIVERY)?.map(str::to_owned);
+        finish(&self.filter, &event, delivery.as_deref(), found, parts)
+    }
+}

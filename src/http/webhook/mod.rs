@@ -1,0 +1,311 @@
+//! Dispatch keys from GitHub and GitLab webhook payloads, and which events dispatch at all.
+//!
+//! Several distinct deliveries announce the same work: `pull_request opened`, then one
+//! `check_suite completed` per CI app, all for one (repository, pull request, head SHA). Keying on
+//! the delivery GUID would dispatch each of them; keying on that triple dispatches once. So the
+//! extractors here read the triple from the body, deserialising only the fields they need.
+//!
+//! Only events that will dispatch may take a claim: a claim taken by an event that then does
+//! nothing blocks the real trigger that follows it for the whole TTL. A [`DispatchFilter`] on
+//! (event, action, conclusion) therefore runs before the claim; events it rejects, and events
+//! that name no pull request, pass through unclaimed (logged at `debug`).
+
+use std::fmt;
+
+use bytes::Bytes;
+use http::HeaderName;
+use http::request::Parts;
+use serde::Deserialize;
+
+use super::ExtractError;
+
+mod github;
+mod gitlab;
+
+pub use github::GitHubDispatchKey;
+pub use gitlab::GitLabDispatchKey;
+
+/// What a dispatch extractor found, put into the request's extensions next to the claimed key,
+/// so the handler can dispatch without parsing the body again.
+///
+/// Present only when the request took a claim (or, in shadow / fail-open mode, tried to): its
+/// absence means the event does not dispatch.
+///
+/// ```
+/// use axum::Extension;
+/// use tower_idempotency::http::DispatchTarget;
+///
+/// async fn handler(target: Option<Extension<DispatchTarget>>) -> String {
+///     match target {
+///         Some(Extension(t)) => format!("review {}#{} at {}", t.project, t.pull_request, t.head_sha),
+///         None => "ignored".to_owned(),
+///     }
+/// }
+/// # let _ = handler;
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DispatchTarget {
+    /// The event: GitHub's `X-GitHub-Event` (`check_suite`, …) or GitLab's kind
+    /// (`merge_request`, `pipeline`, `note`).
+    pub event: String,
+    /// The payload's action, when it has one (`completed`, `review_requested`, `open`, …).
+    pub action: Option<String>,
+    /// The repository's full name (GitHub) or the project's path with namespace (GitLab).
+    pub project: String,
+    /// The pull request number (GitHub) or merge request IID (GitLab).
+    pub pull_request: u64,
+    /// The head commit SHA, lower-cased.
+    pub head_sha: String,
+    /// The delivery's id: `X-GitHub-Delivery`, or GitLab's `X-Gitlab-Webhook-UUID` (else
+    /// `X-Gitlab-Event-UUID`), when the header was sent.
+    pub delivery: Option<String>,
+}
+
+/// The (event, action, conclusion) of one webhook delivery, as a [`DispatchFilter`] sees it.
+///
+/// | provider | `event` | `action` | `conclusion` |
+/// |---|---|---|---|
+/// | GitHub | `X-GitHub-Event` | `.action` | `check_suite` / `check_run` / `workflow_run`: `.conclusion`; `pull_request_review`: `.review.state` |
+/// | GitLab | `merge_request`, `pipeline`, `note` (from `X-Gitlab-Event`) | `.object_attributes.action` | `pipeline`: `.object_attributes.status` |
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WebhookEvent<'a> {
+    /// The event name.
+    pub event: &'a str,
+    /// The action, if the payload has one.
+    pub action: Option<&'a str>,
+    /// The conclusion (or status, or review state), if the payload has one.
+    pub conclusion: Option<&'a str>,
+}
+
+impl<'a> WebhookEvent<'a> {
+    /// An event, e.g. to test a filter.
+    pub fn new(event: &'a str, action: Option<&'a str>, conclusion: Option<&'a str>) -> Self {
+        Self {
+            event,
+            action,
+            conclusion,
+        }
+    }
+}
+
+/// Decides whether an event dispatches, and so whether it may take a claim.
+///
+/// Closures `Fn(&WebhookEvent) -> bool` implement it:
+///
+/// ```
+/// use tower_idempotency::http::{DispatchFilter, WebhookEvent};
+///
+/// let only_green_suites = |e: &WebhookEvent<'_>| e.event == "check_suite" && e.conclusion == Some("success");
+/// assert!(only_green_suites.dispatches(&WebhookEvent::new("check_suite", Some("completed"), Some("success"))));
+/// assert!(!only_green_suites.dispatches(&WebhookEvent::new("check_suite", Some("completed"), Some("failure"))));
+/// ```
+pub trait DispatchFilter {
+    /// Whether `event` dispatches.
+    fn dispatches(&self, event: &WebhookEvent<'_>) -> bool;
+}
+
+impl<F> DispatchFilter for F
+where
+    F: Fn(&WebhookEvent<'_>) -> bool,
+{
+    fn dispatches(&self, event: &WebhookEvent<'_>) -> bool {
+        self(event)
+    }
+}
+
+/// Every event that names a pull request dispatches: the default filter.
+///
+/// ```
+/// use tower_idempotency::http::{AllEvents, DispatchFilter, WebhookEvent};
+/// assert!(AllEvents.dispatches(&WebhookEvent::new("pull_request", Some("closed"), None)));
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AllEvents;
+
+impl DispatchFilter for AllEvents {
+    fn dispatches(&self, _event: &WebhookEvent<'_>) -> bool {
+        true
+    }
+}
+
+/// A list of allowed (event, action, conclusion) patterns; `None` matches anything. An event
+/// dispatches when any rule matches.
+///
+/// ```
+/// use tower_idempotency::http::{DispatchFilter, DispatchRules, WebhookEvent};
+///
+/// let rules = DispatchRules::new()
+///     .allow("check_suite", Some("completed"), Some("success"))
+///     .allow("pull_request", Some("review_requested"), None);
+/// assert!(rules.dispatches(&WebhookEvent::new("check_suite", Some("completed"), Some("success"))));
+/// assert!(rules.dispatches(&WebhookEvent::new("pull_request", Some("review_requested"), None)));
+/// assert!(!rules.dispatches(&WebhookEvent::new("check_suite", Some("requested"), None)));
+/// assert!(!rules.dispatches(&WebhookEvent::new("pull_request", Some("opened"), None)));
+/// ```
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct DispatchRules {
+    rules: Vec<Rule>,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+struct Rule {
+    event: String,
+    action: Option<String>,
+    conclusion: Option<String>,
+}
+
+impl DispatchRules {
+    /// No rules: nothing dispatches until rules are added.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a rule: `event` with `action` (any if `None`) and `conclusion` (any if `None`).
+    pub fn allow(mut self, event: impl Into<String>, action: Option<&str>, conclusion: Option<&str>) -> Self {
+        self.rules.push(Rule {
+            event: event.into(),
+            action: action.map(str::to_owned),
+            conclusion: conclusion.map(str::to_owned),
+        });
+        self
+    }
+}
+
+impl fmt::Debug for DispatchRules {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut list = f.debug_list();
+        for rule in &self.rules {
+            list.entry(&format_args!(
+                "{}/{}/{}",
+                rule.event,
+                rule.action.as_deref().unwrap_or("*"),
+                rule.conclusion.as_deref().unwrap_or("*")
+            ));
+        }
+        list.finish()
+    }
+}
+
+impl DispatchFilter for DispatchRules {
+    fn dispatches(&self, event: &WebhookEvent<'_>) -> bool {
+        let matches = |pattern: &Option<String>, value: Option<&str>| pattern.as_deref().is_none_or(|p| Some(p) == value);
+        self.rules.iter().any(|rule| {
+            rule.event == event.event && matches(&rule.action, event.action) && matches(&rule.conclusion, event.conclusion)
+        })
+    }
+}
+
+/// The value of a header that identifies the event, as text.
+fn header_text<'a>(parts: &'a Parts, name: &HeaderName) -> Result<Option<&'a str>, ExtractError> {
+    parts
+        .headers
+        .get(name)
+        .map(|value| value.to_str().map_err(|_| ExtractError::InvalidHeader { name: name.clone() }))
+        .transpose()
+}
+
+/// Deserialises the few fields `T` names from a JSON body; every other field is skipped.
+fn parse<'a, T: Deserialize<'a>>(event: &str, body: &'a Bytes) -> Result<T, ExtractError> {
+    let text = std::str::from_utf8(body).map_err(|e| ExtractError::NotUtf8 {
+        offset: e.valid_up_to(),
+    })?;
+    let malformed = |path: String, source| ExtractError::MalformedPayload {
+        event: event.to_owned(),
+        path,
+        source,
+    };
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| malformed(e.path().to_string(), e.into_inner()))?;
+    // Trailing garbage after the document makes it malformed too.
+    de.end().map_err(|e| malformed(".".to_owned(), e))?;
+    Ok(value)
+}
+
+/// A pull request number from a ref such as `refs/pull/42/head`.
+fn pull_request_from_ref(reference: &str) -> Option<u64> {
+    let digits = reference.strip_prefix("refs/pull/")?.strip_suffix("/head")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().filter(|n| *n > 0)
+}
+
+/// What one payload yields before the filter and the key are applied.
+struct Found {
+    action: Option<String>,
+    conclusion: Option<String>,
+    project: Option<String>,
+    project_field: &'static str,
+    /// `Ok(None)`: the event names no pull request.
+    pull_request: Result<Option<u64>, &'static str>,
+    head_sha: Option<String>,
+    head_sha_field: &'static str,
+}
+
+/// Applies the filter, then builds the key and the [`DispatchTarget`]; shared by both providers.
+fn finish(
+    filter: &impl DispatchFilter,
+    event: &str,
+    delivery: Option<&str>,
+    found: Found,
+    parts: &mut Parts,
+) -> Result<Option<crate::IdempotencyKey>, ExtractError> {
+    let action = found.action.as_deref();
+    let conclusion = found.conclusion.as_deref();
+    if !filter.dispatches(&WebhookEvent::new(event, action, conclusion)) {
+        tracing::debug!(event, action, conclusion, outcome = "pass_through", "event does not dispatch; passing through unclaimed");
+        return Ok(None);
+    }
+    let pull_request = match found.pull_request {
+        Ok(Some(n)) => n,
+        Ok(None) => {
+            tracing::debug!(event, action, outcome = "pass_through", "event names no pull request; passing through unclaimed");
+            return Ok(None);
+        }
+        Err(field) => {
+            return Err(ExtractError::MissingField {
+                event: event.to_owned(),
+                field,
+            });
+        }
+    };
+    let missing = |field| ExtractError::MissingField {
+        event: event.to_owned(),
+        field,
+    };
+    let project = found.project.ok_or_else(|| missing(found.project_field))?;
+    let head_sha = found.head_sha.ok_or_else(|| missing(found.head_sha_field))?;
+    let key = crate::IdempotencyKey::for_pull_request(&project, pull_request, &head_sha).map_err(|source| {
+        ExtractError::InvalidKey {
+            event: event.to_owned(),
+            source,
+        }
+    })?;
+    parts.extensions.insert(DispatchTarget {
+        event: event.to_owned(),
+        action: found.action,
+        project,
+        pull_request,
+        head_sha: head_sha.to_ascii_lowercase(),
+        delivery: delivery.map(str::to_owned),
+    });
+    Ok(Some(key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pull_request_refs() {
+        assert_eq!(pull_request_from_ref("refs/pull/42/head"), Some(42));
+        assert_eq!(pull_request_from_ref("refs/pull/0/head"), None);
+        assert_eq!(pull_request_from_ref("refs/pull//head"), None);
+        assert_eq!(pull_request_from_ref("refs/pull/+4/head"), None);
+        assert_eq!(pull_request_from_ref("refs/pull/4/merge"), None);
+        assert_eq!(pull_request_from_ref("main"), None);
+        assert_eq!(pull_request_from_ref("refs/pull/99999999999999999999999/head"), None);
+    }
+}
