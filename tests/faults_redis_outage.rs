@@ -59,8 +59,9 @@ fn redis_killed_under_load_fails_closed_within_bound_and_recovers_after_restart(
     let mut run = KilledRun::default();
     let events = sentry::test::with_captured_events(|| {
         current_thread_runtime().block_on(async {
-            let server = Arc::new(Mutex::new(RedisServer::start()));
-            let store = store(&server.lock().unwrap()).await;
+            let server = RedisServer::start();
+            let store = store(&server).await;
+            let server = Arc::new(Mutex::new(server));
             let layer = IdempotencyLayer::new(store, key_of)
                 .with_ttl(TTL)
                 .with_namespace("faults:");

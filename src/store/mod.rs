@@ -17,6 +17,10 @@ mod redis;
 
 #[cfg(feature = "redis")]
 pub use self::redis::{DEFAULT_TIMEOUT, RedisStore, RedisStoreBuilder};
+#[cfg(feature = "redis-cluster")]
+mod redis_cluster;
+#[cfg(feature = "redis-cluster")]
+pub use self::redis_cluster::RedisClusterStoreBuilder;
 pub use memory::MemoryStore;
 
 /// The result of a claim that reached the store.
