@@ -88,3 +88,52 @@ pub(crate) async fn follow(mut rx: watch::Receiver<Answer>) -> Option<Result<Cla
         Err(e) => Some(Err(e.clone())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn followers_never_acquire_and_entries_are_removed() {
+        let c = Arc::new(Coalescer::default());
+        let key: Arc<str> = Arc::from("k");
+        let Role::Leader(leader) = c.join(&key) else {
+            panic!("first caller leads")
+        };
+        let Role::Follower(rx) = c.join(&key) else {
+            panic!("second caller follows")
+        };
+        assert_eq!(c.inflight(), 1);
+        leader.publish(&Ok(ClaimOutcome::Acquired));
+        assert_eq!(c.inflight(), 0, "a caller after the answer goes to the store");
+        assert_eq!(
+            follow(rx).await.map(|r| r.ok()),
+            Some(Some(ClaimOutcome::AlreadyClaimed))
+        );
+    }
+
+    #[tokio::test]
+    async fn followers_share_the_leaders_store_error() {
+        let c = Arc::new(Coalescer::default());
+        let key: Arc<str> = Arc::from("k");
+        let Role::Leader(leader) = c.join(&key) else { panic!() };
+        let Role::Follower(rx) = c.join(&key) else { panic!() };
+        let err = StoreError::Timeout {
+            operation: "claim",
+            after: std::time::Duration::from_millis(1),
+        };
+        leader.publish(&Err(err));
+        assert!(matches!(follow(rx).await, Some(Err(StoreError::Timeout { .. }))));
+    }
+
+    #[tokio::test]
+    async fn followers_learn_when_the_leader_goes_away() {
+        let c = Arc::new(Coalescer::default());
+        let key: Arc<str> = Arc::from("k");
+        let leader = c.join(&key);
+        let Role::Follower(rx) = c.join(&key) else { panic!() };
+        drop(leader);
+        assert_eq!(c.inflight(), 0);
+        assert!(follow(rx).await.is_none(), "no answer: the follower claims for itself");
+    }
+}

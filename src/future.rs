@@ -329,22 +329,21 @@ where
                         Poll::Pending => {
                             if let (Some(r), Some(held), Some((config, _))) =
                                 (renewal.as_mut(), this.held.as_ref(), this.ctx.as_ref())
+                                && poll_renewal(r, cx, config, held)
                             {
-                                if poll_renewal(r, cx, config, held) {
-                                    tracing::error!(
-                                        outcome = "claim_lost",
-                                        "claim lost while the job ran; another trigger may dispatch"
-                                    );
-                                    config.reporter.claim_lost(&held.full_key);
-                                    *renewal = None;
-                                    if config.lost_claim == LostClaimPolicy::Abort {
-                                        let key = held.key.clone();
-                                        *this.held = None;
-                                        this.span.record("outcome", "claim_lost");
-                                        let err = IdempotencyError::ClaimLost { key };
-                                        this.state.set(State::Ready { result: Some(Err(err)) });
-                                        continue;
-                                    }
+                                tracing::error!(
+                                    outcome = "claim_lost",
+                                    "claim lost while the job ran; another trigger may dispatch"
+                                );
+                                config.reporter.claim_lost(&held.full_key);
+                                *renewal = None;
+                                if config.lost_claim == LostClaimPolicy::Abort {
+                                    let key = held.key.clone();
+                                    *this.held = None;
+                                    this.span.record("outcome", "claim_lost");
+                                    let err = IdempotencyError::ClaimLost { key };
+                                    this.state.set(State::Ready { result: Some(Err(err)) });
+                                    continue;
                                 }
                             }
                             return Poll::Pending;

@@ -168,10 +168,10 @@ impl StreamConsumer {
     pub async fn new(url: &str, stream: &str, group: &str, consumer: &str, min_idle: Duration) -> RedisResult<Self> {
         let mut conn = redis::Client::open(url)?.get_multiplexed_async_connection().await?;
         let created: RedisResult<()> = conn.xgroup_create_mkstream(stream, group, "0").await;
-        if let Err(e) = created {
-            if e.code() != Some("BUSYGROUP") {
-                return Err(e);
-            }
+        if let Err(e) = created
+            && e.code() != Some("BUSYGROUP")
+        {
+            return Err(e);
         }
         Ok(Self {
             conn,
@@ -215,7 +215,9 @@ impl StreamConsumer {
             .arg(">")
             .query_async(&mut self.conn)
             .await?;
-        Ok(reply.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect()).unwrap_or_default())
+        Ok(reply
+            .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
+            .unwrap_or_default())
     }
 
     pub async fn ack(&mut self, id: &str) -> RedisResult<()> {
@@ -225,9 +227,16 @@ impl StreamConsumer {
 
     /// Number of messages delivered to the group and not yet acknowledged.
     pub async fn pending(&mut self) -> RedisResult<usize> {
-        let summary: redis::Value = redis::cmd("XPENDING").arg(&self.stream).arg(&self.group).query_async(&mut self.conn).await?;
+        let summary: redis::Value = redis::cmd("XPENDING")
+            .arg(&self.stream)
+            .arg(&self.group)
+            .query_async(&mut self.conn)
+            .await?;
         match summary {
-            redis::Value::Array(items) => Ok(items.first().and_then(|v| redis::from_redis_value_ref::<usize>(v).ok()).unwrap_or(0)),
+            redis::Value::Array(items) => Ok(items
+                .first()
+                .and_then(|v| redis::from_redis_value_ref::<usize>(v).ok())
+                .unwrap_or(0)),
             _ => Ok(0),
         }
     }
@@ -256,7 +265,9 @@ where
     };
     let disposition = disposition(&result, inner_error);
     match (&result, disposition) {
-        (Err(e), Disposition::Ack) if !e.is_duplicate() => tracing::error!(id = %entry.id, error = %e, "message acked without dispatch"),
+        (Err(e), Disposition::Ack) if !e.is_duplicate() => {
+            tracing::error!(id = %entry.id, error = %e, "message acked without dispatch")
+        }
         (Err(e), Disposition::Retry) => tracing::warn!(id = %entry.id, error = %e, "message left pending for retry"),
         _ => {}
     }

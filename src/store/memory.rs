@@ -72,10 +72,10 @@ impl IdempotencyStore for MemoryStore {
     async fn claim(&self, key: &str, token: &ClaimToken, ttl: Duration) -> Result<ClaimOutcome, StoreError> {
         let now = Instant::now();
         let mut claims = self.lock();
-        if let Some((_, exp)) = claims.map.get(key) {
-            if *exp > now {
-                return Ok(ClaimOutcome::AlreadyClaimed);
-            }
+        if let Some((_, exp)) = claims.map.get(key)
+            && *exp > now
+        {
+            return Ok(ClaimOutcome::AlreadyClaimed);
         }
         claims.map.insert(key.to_owned(), (token.clone(), now + ttl));
         if claims.map.len() > 1024 && claims.map.len() >= 2 * claims.swept_len {
