@@ -1,0 +1,514 @@
+//! The reference GitHub webhook router: receives deliveries, claims (repository, PR, head SHA)
+//! in Redis through `HttpIdempotencyLayer`, and dispatches each review once by `XADD` to a stream.
+//!
+//! Shared by `examples/github_webhook.rs` (the binary), `examples/incident_replay.rs` (which runs
+//! it in a child process) and the tests (included with `#[path]`), so all of them run the same
+//! code. Self-contained: it needs the crate with the `http` and `redis` features, `axum`,
+//! `tokio`, `redis`, `serde` and `tracing-subscriber`.
+//!
+//! # Contract
+//!
+//! ```text
+//! github_webhook [--listen ADDR] [--redis URL] [--namespace NS] [--ttl-secs N] [--stream NAME] [--capacity N]
+//! ```
+//!
+//! | flag | default |
+//! |---|---|
+//! | `--listen` | `127.0.0.1:3000` |
+//! | `--redis` | `REDIS_URL` from the environment (read once at start), else `redis://127.0.0.1:6379` |
+//! | `--namespace` | `github-dispatch:` |
+//! | `--ttl-secs` | `300` |
+//! | `--stream` | `reviews` |
+//! | `--capacity` | unlimited |
+//!
+//! The webhook secret comes from `GITHUB_WEBHOOK_SECRET`, read once at start; when it is unset
+//! (or empty), signatures are not checked and a warning says so.
+//!
+//! Dispatching events: `check_suite` completed with conclusion `success`, `workflow_run`
+//! completed with conclusion `success`, `pull_request` `review_requested`. Every other event is
+//! ignored and takes no claim.
+//!
+//! | request | answer |
+//! |---|---|
+//! | `POST /webhooks/github`, dispatching event, claim won | `XADD <stream> * project P pr N sha S event E delivery D`; `202` `{"status":"dispatched","key":"…"}` |
+//! | … and `XLEN <stream>` ≥ capacity | `429` `{"status":"blocked"}`; the claim is released |
+//! | … and the stream cannot be written | `503` `{"status":"unavailable"}`; the claim is released unless the command may have landed |
+//! | an event that dispatches nothing | `200` `{"status":"ignored"}` |
+//! | a duplicate | `200` `{"status":"duplicate","key":"…"}`, header `idempotency-status: duplicate` |
+//! | the claim store is unavailable (fail closed) | `503` `{"status":"unavailable"}`, `Retry-After` |
+//! | malformed body, missing field, bad key, missing `X-GitHub-Event` | `400` `{"error":"…"}` |
+//! | body over 25 MB | `413` |
+//! | missing or wrong `X-Hub-Signature-256` (secret set) | `401` |
+//! | `GET /healthz` | `200` `{"status":"ok"}` |
+//!
+//! Logs go through `tracing-subscriber` with an env filter (`RUST_LOG`, default `info`).
+#![allow(dead_code)]
+
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header::RETRY_AFTER};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use redis::aio::ConnectionManager;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tower_idempotency::http::{
+    Blocked, DispatchRules, DispatchTarget, GitHubDispatchKey, GitHubSignature, HttpIdempotencyLayer, JsonResponses,
+};
+use tower_idempotency::store::IdempotencyStore;
+use tower_idempotency::{IdempotencyKey, MemoryStore, RedisStore, StoreError};
+
+/// `--listen` default.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:3000";
+/// `--redis` default when `REDIS_URL` is unset.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+/// `--namespace` default.
+pub const DEFAULT_NAMESPACE: &str = "github-dispatch:";
+/// `--ttl-secs` default.
+pub const DEFAULT_TTL_SECS: u64 = 300;
+/// `--stream` default.
+pub const DEFAULT_STREAM: &str = "reviews";
+/// The environment variable `--redis` defaults to.
+pub const REDIS_URL_ENV: &str = "REDIS_URL";
+/// The environment variable holding the webhook secret.
+pub const SECRET_ENV: &str = "GITHUB_WEBHOOK_SECRET";
+/// Where deliveries are posted.
+pub const WEBHOOK_PATH: &str = "/webhooks/github";
+/// The health check.
+pub const HEALTH_PATH: &str = "/healthz";
+
+/// The usage text.
+pub const USAGE: &str = "\
+usage: github_webhook [--listen ADDR] [--redis URL] [--namespace NS] [--ttl-secs N] [--stream NAME] [--capacity N]
+
+  --listen ADDR     address to listen on (default 127.0.0.1:3000)
+  --redis URL       Redis for claims and the stream (default: $REDIS_URL, else redis://127.0.0.1:6379)
+  --namespace NS    prefix of claim keys (default github-dispatch:)
+  --ttl-secs N      claim lifetime in seconds (default 300)
+  --stream NAME     stream reviews are dispatched to (default reviews)
+  --capacity N      answer 429 and release the claim when XLEN of the stream is >= N (default unlimited)
+
+environment: GITHUB_WEBHOOK_SECRET (signatures are not checked when unset), REDIS_URL, RUST_LOG";
+
+/// Everything the router needs, decided once at start.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RouterConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Redis for claims and for the review stream.
+    pub redis_url: String,
+    /// Prefix of claim keys.
+    pub namespace: String,
+    /// Claim lifetime.
+    pub ttl: Duration,
+    /// The review stream.
+    pub stream: String,
+    /// `XLEN` at which dispatches are blocked; `None`: unlimited.
+    pub capacity: Option<u64>,
+    /// The webhook secret; `None`: signatures are not checked.
+    pub secret: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for RouterConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RouterConfig")
+            .field("listen", &self.listen)
+            .field("redis_url", &self.redis_url)
+            .field("namespace", &self.namespace)
+            .field("ttl", &self.ttl)
+            .field("stream", &self.stream)
+            .field("capacity", &self.capacity)
+            .field("secret", &self.secret.as_ref().map(|_| "[redacted]"))
+            .finish()
+    }
+}
+
+/// Why the command line was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// `-h` / `--help` was given.
+    #[error("help requested")]
+    Help,
+    /// A flag that takes a value had none.
+    #[error("`{0}` needs a value")]
+    MissingValue(String),
+    /// A flag's value could not be used.
+    #[error("invalid value `{value}` for `{flag}`: {reason}")]
+    InvalidValue {
+        /// The flag.
+        flag: String,
+        /// The value given.
+        value: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// An argument that is not a known flag.
+    #[error("unknown argument `{0}`")]
+    UnknownArgument(String),
+}
+
+/// Why the router could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    /// The Redis URL is unusable.
+    #[error("cannot use Redis at `{url}`")]
+    Redis {
+        /// The URL.
+        url: String,
+        /// The store's error.
+        #[source]
+        source: StoreError,
+    },
+    /// Binding or serving failed.
+    #[error("cannot serve on {addr}")]
+    Serve {
+        /// The address.
+        addr: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl RouterConfig {
+    /// The defaults, with Redis at `redis_url` and no secret.
+    pub fn new(redis_url: impl Into<String>) -> Self {
+        RouterConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 3000)),
+            redis_url: redis_url.into(),
+            namespace: DEFAULT_NAMESPACE.to_owned(),
+            ttl: Duration::from_secs(DEFAULT_TTL_SECS),
+            stream: DEFAULT_STREAM.to_owned(),
+            capacity: None,
+            secret: None,
+        }
+    }
+
+    /// The configuration for `args` (without the program name). `redis_url_env` and
+    /// `secret_env` are the values of `REDIS_URL` and `GITHUB_WEBHOOK_SECRET`, read once by
+    /// the caller; empty values count as unset.
+    pub fn parse(
+        args: impl IntoIterator<Item = String>,
+        redis_url_env: Option<String>,
+        secret_env: Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let redis_url = redis_url_env
+            .filter(|url| !url.is_empty())
+            .unwrap_or_else(|| DEFAULT_REDIS_URL.to_owned());
+        let mut cfg = RouterConfig::new(redis_url);
+        cfg.secret = secret_env.filter(|s| !s.is_empty()).map(String::into_bytes);
+        let mut args = args.into_iter();
+        while let Some(arg) = args.next() {
+            if arg == "-h" || arg == "--help" {
+                return Err(ConfigError::Help);
+            }
+            let (flag, inline) = match arg.split_once('=') {
+                Some((flag, value)) if flag.starts_with("--") => (flag.to_owned(), Some(value.to_owned())),
+                _ => (arg.clone(), None),
+            };
+            if !matches!(
+                flag.as_str(),
+                "--listen" | "--redis" | "--namespace" | "--ttl-secs" | "--stream" | "--capacity"
+            ) {
+                return Err(ConfigError::UnknownArgument(arg));
+            }
+            let value = match inline {
+                Some(value) => value,
+                None => args.next().ok_or_else(|| ConfigError::MissingValue(flag.clone()))?,
+            };
+            match flag.as_str() {
+                "--listen" => cfg.listen = parse_value(&flag, &value)?,
+                "--redis" => cfg.redis_url = non_empty(&flag, value)?,
+                "--namespace" => cfg.namespace = value,
+                "--ttl-secs" => {
+                    let secs: u64 = parse_value(&flag, &value)?;
+                    if secs == 0 {
+                        return Err(invalid(&flag, &value, "the TTL must be at least 1 second"));
+                    }
+                    cfg.ttl = Duration::from_secs(secs);
+                }
+                "--stream" => cfg.stream = non_empty(&flag, value)?,
+                "--capacity" => cfg.capacity = Some(parse_value(&flag, &value)?),
+                _ => return Err(ConfigError::UnknownArgument(arg)),
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// The configuration of this process: its arguments, `REDIS_URL` and
+    /// `GITHUB_WEBHOOK_SECRET`, each read once, now.
+    pub fn from_process() -> Result<Self, ConfigError> {
+        let redis_url = std::env::var(REDIS_URL_ENV).ok();
+        let secret = std::env::var(SECRET_ENV).ok();
+        Self::parse(std::env::args().skip(1), redis_url, secret)
+    }
+}
+
+fn invalid(flag: &str, value: &str, reason: impl fmt::Display) -> ConfigError {
+    ConfigError::InvalidValue {
+        flag: flag.to_owned(),
+        value: value.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+fn parse_value<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, ConfigError>
+where
+    T::Err: fmt::Display,
+{
+    value.parse().map_err(|e| invalid(flag, value, e))
+}
+
+fn non_empty(flag: &str, value: String) -> Result<String, ConfigError> {
+    if value.is_empty() {
+        Err(invalid(flag, &value, "must not be empty"))
+    } else {
+        Ok(value)
+    }
+}
+
+/// The events that dispatch a review; every other event is ignored and takes no claim.
+pub fn dispatch_rules() -> DispatchRules {
+    DispatchRules::new()
+        .allow("check_suite", Some("completed"), Some("success"))
+        .allow("workflow_run", Some("completed"), Some("success"))
+        .allow("pull_request", Some("review_requested"), None)
+}
+
+/// What the webhook handler needs.
+#[derive(Clone)]
+struct Dispatcher {
+    conn: ConnectionManager,
+    stream: Arc<str>,
+    capacity: Option<u64>,
+}
+
+/// The JSON the router answers with; fields in this order.
+#[derive(Serialize)]
+struct Reply<'a> {
+    status: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<&'a str>,
+}
+
+fn reply(status: StatusCode, word: &str, key: Option<&str>) -> Response {
+    (status, Json(Reply { status: word, key })).into_response()
+}
+
+/// The router for `cfg`, with claims in Redis at `cfg.redis_url`.
+///
+/// The connection is made lazily: the router starts while Redis is down and answers `503`
+/// until it is back.
+pub async fn build(cfg: &RouterConfig) -> Result<Router, RouterError> {
+    let store = RedisStore::builder(cfg.redis_url.as_str())
+        .connect_lazy()
+        .map_err(|source| RouterError::Redis {
+            url: cfg.redis_url.clone(),
+            source,
+        })?;
+    let conn = store.connection();
+    Ok(build_with_store(cfg, store, conn))
+}
+
+/// The router for `cfg` with claims in `store` and the review stream on `conn`.
+pub fn build_with_store<St: IdempotencyStore>(cfg: &RouterConfig, store: St, conn: ConnectionManager) -> Router {
+    if cfg.secret.is_none() {
+        tracing::warn!(
+            "{SECRET_ENV} is not set: webhook signatures are NOT checked, and anyone who can reach {WEBHOOK_PATH} can claim keys"
+        );
+    }
+    let layer = HttpIdempotencyLayer::new(store, GitHubDispatchKey::new().with_filter(dispatch_rules()))
+        .with_verifier(cfg.secret.as_ref().map(GitHubSignature::new))
+        .with_responses(JsonResponses::webhook())
+        .with_namespace(cfg.namespace.as_str())
+        .with_ttl(cfg.ttl);
+    let dispatcher = Dispatcher {
+        conn,
+        stream: Arc::from(cfg.stream.as_str()),
+        capacity: cfg.capacity,
+    };
+    Router::new()
+        .route(WEBHOOK_PATH, post(github_webhook))
+        .route_layer(layer)
+        .route(HEALTH_PATH, get(health))
+        .with_state(dispatcher)
+}
+
+/// The router `examples/incident_replay.rs` runs: defaults except `namespace` and `stream`, no
+/// signature check; with `memory_store`, claims live in a per-process map (what the incident
+/// had) while the stream is still in Redis.
+pub async fn replay_router(
+    redis_url: &str,
+    namespace: &str,
+    stream: &str,
+    memory_store: bool,
+) -> Result<Router, RouterError> {
+    let mut cfg = RouterConfig::new(redis_url);
+    cfg.namespace = namespace.to_owned();
+    cfg.stream = stream.to_owned();
+    if !memory_store {
+        return build(&cfg).await;
+    }
+    let store = RedisStore::builder(redis_url)
+        .connect_lazy()
+        .map_err(|source| RouterError::Redis {
+            url: redis_url.to_owned(),
+            source,
+        })?;
+    Ok(build_with_store(&cfg, MemoryStore::new(), store.connection()))
+}
+
+async fn health() -> Response {
+    reply(StatusCode::OK, "ok", None)
+}
+
+async fn github_webhook(
+    State(dispatcher): State<Dispatcher>,
+    key: Option<Extension<IdempotencyKey>>,
+    target: Option<Extension<DispatchTarget>>,
+) -> Response {
+    // The layer put both here only for a dispatching event whose claim we won.
+    let (Some(Extension(key)), Some(Extension(target))) = (key, target) else {
+        return reply(StatusCode::OK, "ignored", None);
+    };
+    let mut conn = dispatcher.conn.clone();
+    if let Some(capacity) = dispatcher.capacity {
+        let len: Result<u64, _> = redis::cmd("XLEN").arg(&*dispatcher.stream).query_async(&mut conn).await;
+        match len {
+            Ok(len) if len >= capacity => {
+                tracing::info!(key = %key, outcome = "blocked", len, capacity, "stream at capacity; claim released");
+                return reply(StatusCode::TOO_MANY_REQUESTS, "blocked", None);
+            }
+            Ok(_) => {}
+            Err(e) => return stream_unavailable(&key, "XLEN", &e),
+        }
+    }
+    let added: Result<String, _> = redis::cmd("XADD")
+        .arg(&*dispatcher.stream)
+        .arg("*")
+        .arg("project")
+        .arg(&target.project)
+        .arg("pr")
+        .arg(target.pull_request)
+        .arg("sha")
+        .arg(&target.head_sha)
+        .arg("event")
+        .arg(&target.event)
+        .arg("delivery")
+        .arg(target.delivery.as_deref().unwrap_or_default())
+        .query_async(&mut conn)
+        .await;
+    match added {
+        Ok(id) => {
+            tracing::info!(key = %key, outcome = "dispatched", stream = %dispatcher.stream, id, "review dispatched");
+            reply(StatusCode::ACCEPTED, "dispatched", Some(key.as_str()))
+        }
+        Err(e) => stream_unavailable(&key, "XADD", &e),
+    }
+}
+
+/// `503`. The claim is released (the response is marked [`Blocked`]) when the command surely did
+/// not run, so a redelivery can dispatch; when it may have landed (a timeout, a connection cut
+/// mid-flight), the claim is kept: a second dispatch is the failure this router exists to prevent.
+fn stream_unavailable(key: &IdempotencyKey, command: &str, error: &redis::RedisError) -> Response {
+    let may_have_applied = (error.is_io_error() || error.is_timeout()) && !error.is_connection_refusal();
+    tracing::error!(key = %key, outcome = "stream_unavailable", command, error = %error, may_have_applied, "cannot write the review stream");
+    let mut response = reply(StatusCode::SERVICE_UNAVAILABLE, "unavailable", None);
+    response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("5"));
+    if !may_have_applied {
+        response.extensions_mut().insert(Blocked);
+    }
+    response
+}
+
+/// Binds `cfg.listen`, prints the address, and serves until Ctrl-C (or SIGTERM).
+pub async fn serve(cfg: RouterConfig) -> Result<(), RouterError> {
+    let serve_error = |source| RouterError::Serve {
+        addr: cfg.listen.to_string(),
+        source,
+    };
+    let listener = TcpListener::bind(cfg.listen).await.map_err(serve_error)?;
+    let addr = listener.local_addr().map_err(serve_error)?;
+    let router = build(&cfg).await?;
+    tracing::info!(%addr, redis = %cfg.redis_url, namespace = %cfg.namespace, stream = %cfg.stream, capacity = ?cfg.capacity, ttl_secs = cfg.ttl.as_secs(), "github_webhook listening");
+    println!("listening on http://{addr}");
+    serve_on(listener, router, shutdown_signal()).await.map_err(serve_error)
+}
+
+/// Serves `router` on `listener` until `shutdown` completes.
+pub async fn serve_on(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+}
+
+/// Completes on Ctrl-C, or SIGTERM on Unix.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sigterm) => {
+                sigterm.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
+
+/// Logs through `tracing-subscriber`, filtered by `RUST_LOG` (default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Already initialised (e.g. by a test harness): keep that one.
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+}
+
+/// The whole program: configuration from this process, logging, serve.
+pub async fn run() -> ExitCode {
+    let cfg = match RouterConfig::from_process() {
+        Ok(cfg) => cfg,
+        Err(ConfigError::Help) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("error: {e}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing();
+    match serve(cfg).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut message = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                message.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            tracing::error!(error = %message, "github_webhook stopped");
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
