@@ -9,6 +9,7 @@
 //! the store's timeout, and keeps retries short, so a dead primary fails its keys closed within
 //! the bound while keys on the other primaries keep working.
 
+use std::fmt;
 use std::time::Duration;
 
 use redis::cluster::ClusterClientBuilder;
@@ -18,11 +19,36 @@ use super::StoreError;
 use super::redis::{DEFAULT_TIMEOUT, RedisStore};
 
 /// Builds a [`RedisStore`] over a Redis Cluster connection. See [`RedisStore::cluster_builder`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RedisClusterStoreBuilder {
     nodes: Vec<String>,
     timeout: Duration,
     retries: u32,
+}
+
+/// Node URLs may carry a password (`redis://user:password@host`); `Debug` shows them without it.
+impl fmt::Debug for RedisClusterStoreBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let nodes: Vec<String> = self.nodes.iter().map(|n| redact_password(n)).collect();
+        f.debug_struct("RedisClusterStoreBuilder")
+            .field("nodes", &nodes)
+            .field("timeout", &self.timeout)
+            .field("retries", &self.retries)
+            .finish()
+    }
+}
+
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => format!("{scheme}://***@{host}"),
+        },
+        None => url.to_owned(),
+    }
 }
 
 impl RedisClusterStoreBuilder {
@@ -115,5 +141,23 @@ impl RedisStore<ClusterConnection> {
         S: Into<String>,
     {
         Self::cluster_builder(nodes).connect().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_does_not_show_passwords() {
+        let builder = RedisStore::cluster_builder([
+            "redis://idem:s3cret@10.0.0.1:6379",
+            "redis://:s3cret@h:1",
+            "redis://h:2",
+        ]);
+        let shown = format!("{builder:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("redis://idem:***@10.0.0.1:6379"), "{shown}");
+        assert!(shown.contains("redis://h:2"), "{shown}");
     }
 }
