@@ -92,7 +92,11 @@ where
     V: VerifyRequest,
     R: ShortCircuitResponse,
 {
-    pub(crate) fn new(req: Request<B>, mut core: Idempotency<S, ClaimFromExtensions, C>, front: Arc<Front<X, V, R>>) -> Self
+    pub(crate) fn new(
+        req: Request<B>,
+        mut core: Idempotency<S, ClaimFromExtensions, C>,
+        front: Arc<Front<X, V, R>>,
+    ) -> Self
     where
         S: Clone,
         C: ClassifyOutcome<S::Response, S::Error> + Clone,
@@ -150,7 +154,11 @@ where
 }
 
 fn too_large<X, V, R: ShortCircuitResponse>(front: &Front<X, V, R>) -> Response<Bytes> {
-    tracing::info!(outcome = "too_large", limit = front.body_limit, "rejected: body over the limit; nothing claimed");
+    tracing::info!(
+        outcome = "too_large",
+        limit = front.body_limit,
+        "rejected: body over the limit; nothing claimed"
+    );
     front.responses.too_large(front.body_limit)
 }
 

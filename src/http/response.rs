@@ -160,7 +160,10 @@ impl Default for JsonResponses {
 
 impl ShortCircuitResponse for JsonResponses {
     fn duplicate(&self, key: &IdempotencyKey) -> Response<Bytes> {
-        let mut response = json(self.duplicate_status, format!(r#"{{"status":"duplicate","key":{}}}"#, quoted(key.as_str())));
+        let mut response = json(
+            self.duplicate_status,
+            format!(r#"{{"status":"duplicate","key":{}}}"#, quoted(key.as_str())),
+        );
         response
             .headers_mut()
             .insert(IDEMPOTENCY_STATUS, HeaderValue::from_static("duplicate"));
@@ -168,7 +171,10 @@ impl ShortCircuitResponse for JsonResponses {
     }
 
     fn unavailable(&self) -> Response<Bytes> {
-        let mut response = json(StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"unavailable"}"#.to_owned());
+        let mut response = json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"status":"unavailable"}"#.to_owned(),
+        );
         response
             .headers_mut()
             .insert(RETRY_AFTER, HeaderValue::from(self.retry_after_secs()));
@@ -176,7 +182,10 @@ impl ShortCircuitResponse for JsonResponses {
     }
 
     fn claim_lost(&self, key: &IdempotencyKey) -> Response<Bytes> {
-        let mut response = json(StatusCode::SERVICE_UNAVAILABLE, format!(r#"{{"status":"claim_lost","key":{}}}"#, quoted(key.as_str())));
+        let mut response = json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(r#"{{"status":"claim_lost","key":{}}}"#, quoted(key.as_str())),
+        );
         response
             .headers_mut()
             .insert(RETRY_AFTER, HeaderValue::from(self.retry_after_secs()));
@@ -188,7 +197,10 @@ impl ShortCircuitResponse for JsonResponses {
     }
 
     fn too_large(&self, limit: usize) -> Response<Bytes> {
-        json(StatusCode::PAYLOAD_TOO_LARGE, error_body(&format!("request body is larger than the limit of {limit} bytes")))
+        json(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            error_body(&format!("request body is larger than the limit of {limit} bytes")),
+        )
     }
 
     fn unauthorized(&self, error: &(dyn Error + 'static)) -> Response<Bytes> {

@@ -168,7 +168,9 @@ impl GitHubSignature {
 
 impl fmt::Debug for GitHubSignature {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GitHubSignature").field("secret", &"[redacted]").finish()
+        f.debug_struct("GitHubSignature")
+            .field("secret", &"[redacted]")
+            .finish()
     }
 }
 

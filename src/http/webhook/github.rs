@@ -181,15 +181,20 @@ fn full_name(repository: Option<Repository>) -> Option<String> {
 
 fn run_found(action: Option<String>, repository: Option<Repository>, run: Option<Run>, prefix: Prefix) -> Found {
     let (head_sha, head_branch, conclusion, pull_requests) = match run {
-        Some(r) => (r.head_sha, r.head_branch, r.conclusion, r.pull_requests),
+        Some(r) => (r.head_sha, r.head_branch, r.conclusion, Some(r.pull_requests)),
         None => (None, None, None, None),
+    };
+    let pull_request = match &pull_requests {
+        Some(list) => pull_request_of(list.as_deref(), prefix.pr_field(), head_branch.as_deref()),
+        // The event's own object is missing: malformed, not "no pull request".
+        None => Err(prefix.object()),
     };
     Found {
         action,
         conclusion,
         project: full_name(repository),
         project_field: "repository.full_name",
-        pull_request: pull_request_of(pull_requests.as_deref(), prefix.pr_field(), head_branch.as_deref()),
+        pull_request,
         head_sha,
         head_sha_field: prefix.sha_field(),
     }
@@ -209,6 +214,13 @@ impl Prefix {
         }
     }
 
+    fn object(self) -> &'static str {
+        match self {
+            Prefix::CheckSuite => "check_suite",
+            Prefix::WorkflowRun => "workflow_run",
+        }
+    }
+
     fn sha_field(self) -> &'static str {
         match self {
             Prefix::CheckSuite => "check_suite.head_sha",
@@ -218,11 +230,19 @@ impl Prefix {
 }
 
 fn check_run_found(event: CheckRunEvent) -> Found {
-    let run = event.check_run;
-    let (head_sha, conclusion, own, suite) = match run {
-        Some(r) => (r.head_sha, r.conclusion, r.pull_requests, r.check_suite),
-        None => (None, None, None, None),
+    let Some(run) = event.check_run else {
+        // The event's own object is missing: malformed, not "no pull request".
+        return Found {
+            action: event.action,
+            conclusion: None,
+            project: None,
+            project_field: "repository.full_name",
+            pull_request: Err("check_run"),
+            head_sha: None,
+            head_sha_field: "check_run.head_sha",
+        };
     };
+    let (head_sha, conclusion, own, suite) = (run.head_sha, run.conclusion, run.pull_requests, run.check_suite);
     let (suite_branch, suite_prs) = match suite {
         Some(s) => (s.head_branch, s.pull_requests),
         None => (None, None),
@@ -254,7 +274,11 @@ fn pull_request_found(event: PullRequestEvent, is_review: bool) -> Found {
     let number = if is_review { number } else { number.or(event.number) };
     Found {
         action: event.action,
-        conclusion: if is_review { event.review.and_then(|r| r.state) } else { None },
+        conclusion: if is_review {
+            event.review.and_then(|r| r.state)
+        } else {
+            None
+        },
         project: full_name(event.repository),
         project_field: "repository.full_name",
         // Every pull_request(_review) event is about a pull request: no number is malformed.
@@ -284,7 +308,11 @@ impl<F: DispatchFilter> HttpKeyExtractor for GitHubDispatchKey<F> {
             "pull_request" => pull_request_found(parse(event, body)?, false),
             "pull_request_review" => pull_request_found(parse(event, body)?, true),
             _ => {
-                tracing::debug!(event, outcome = "pass_through", "not a pull-request event; passing through unclaimed");
+                tracing::debug!(
+                    event,
+                    outcome = "pass_through",
+                    "not a pull-request event; passing through unclaimed"
+                );
                 return Ok(None);
             }
         };

@@ -148,11 +148,13 @@ fn merge_request_found(event: MergeRequestEvent) -> Found {
 }
 
 fn pipeline_found(event: PipelineEvent) -> Found {
-    let (head_sha, status) = match event.object_attributes {
-        Some(a) => (a.sha, a.status),
-        None => (None, None),
+    let (head_sha, status, has_attributes) = match event.object_attributes {
+        Some(a) => (a.sha, a.status, true),
+        None => (None, None, false),
     };
     let pull_request = match event.merge_request {
+        // The pipeline itself is missing: malformed.
+        _ if !has_attributes => Err("object_attributes"),
         // A branch or tag pipeline: no merge request.
         None => Ok(None),
         Some(MergeRequestRef { iid: Some(iid) }) => Ok(Some(iid)),
@@ -170,16 +172,19 @@ fn pipeline_found(event: PipelineEvent) -> Found {
 }
 
 fn note_found(event: NoteEvent) -> Found {
-    let (noteable_type, action) = match event.object_attributes {
-        Some(a) => (a.noteable_type, a.action),
-        None => (None, None),
+    let (noteable_type, action, has_attributes) = match event.object_attributes {
+        Some(a) => (a.noteable_type, a.action, true),
+        None => (None, None, false),
     };
     let on_merge_request = noteable_type.as_deref() == Some("MergeRequest");
     let (iid, head_sha) = match event.merge_request {
         Some(mr) => (mr.iid, mr.last_commit.and_then(|c| c.id)),
         None => (None, None),
     };
-    let pull_request = if !on_merge_request {
+    let pull_request = if !has_attributes {
+        // The note itself is missing: malformed.
+        Err("object_attributes")
+    } else if !on_merge_request {
         // A note on a commit, an issue or a snippet.
         Ok(None)
     } else {
@@ -208,7 +213,11 @@ impl<F: DispatchFilter> HttpKeyExtractor for GitLabDispatchKey<F> {
             "Pipeline Hook" => ("pipeline", pipeline_found(parse("pipeline", body)?)),
             "Note Hook" => ("note", note_found(parse("note", body)?)),
             _ => {
-                tracing::debug!(event = hook, outcome = "pass_through", "not a merge-request event; passing through unclaimed");
+                tracing::debug!(
+                    event = hook,
+                    outcome = "pass_through",
+                    "not a merge-request event; passing through unclaimed"
+                );
                 return Ok(None);
             }
         };

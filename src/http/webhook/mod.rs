@@ -190,9 +190,12 @@ impl fmt::Debug for DispatchRules {
 
 impl DispatchFilter for DispatchRules {
     fn dispatches(&self, event: &WebhookEvent<'_>) -> bool {
-        let matches = |pattern: &Option<String>, value: Option<&str>| pattern.as_deref().is_none_or(|p| Some(p) == value);
+        let matches =
+            |pattern: &Option<String>, value: Option<&str>| pattern.as_deref().is_none_or(|p| Some(p) == value);
         self.rules.iter().any(|rule| {
-            rule.event == event.event && matches(&rule.action, event.action) && matches(&rule.conclusion, event.conclusion)
+            rule.event == event.event
+                && matches(&rule.action, event.action)
+                && matches(&rule.conclusion, event.conclusion)
         })
     }
 }
@@ -202,7 +205,11 @@ fn header_text<'a>(parts: &'a Parts, name: &HeaderName) -> Result<Option<&'a str
     parts
         .headers
         .get(name)
-        .map(|value| value.to_str().map_err(|_| ExtractError::InvalidHeader { name: name.clone() }))
+        .map(|value| {
+            value
+                .to_str()
+                .map_err(|_| ExtractError::InvalidHeader { name: name.clone() })
+        })
         .transpose()
 }
 
@@ -217,7 +224,8 @@ fn parse<'a, T: Deserialize<'a>>(event: &str, body: &'a Bytes) -> Result<T, Extr
         source,
     };
     let mut de = serde_json::Deserializer::from_str(text);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| malformed(e.path().to_string(), e.into_inner()))?;
+    let value =
+        serde_path_to_error::deserialize(&mut de).map_err(|e| malformed(e.path().to_string(), e.into_inner()))?;
     // Trailing garbage after the document makes it malformed too.
     de.end().map_err(|e| malformed(".".to_owned(), e))?;
     Ok(value)
@@ -255,13 +263,24 @@ fn finish(
     let action = found.action.as_deref();
     let conclusion = found.conclusion.as_deref();
     if !filter.dispatches(&WebhookEvent::new(event, action, conclusion)) {
-        tracing::debug!(event, action, conclusion, outcome = "pass_through", "event does not dispatch; passing through unclaimed");
+        tracing::debug!(
+            event,
+            action,
+            conclusion,
+            outcome = "pass_through",
+            "event does not dispatch; passing through unclaimed"
+        );
         return Ok(None);
     }
     let pull_request = match found.pull_request {
         Ok(Some(n)) => n,
         Ok(None) => {
-            tracing::debug!(event, action, outcome = "pass_through", "event names no pull request; passing through unclaimed");
+            tracing::debug!(
+                event,
+                action,
+                outcome = "pass_through",
+                "event names no pull request; passing through unclaimed"
+            );
             return Ok(None);
         }
         Err(field) => {
