@@ -242,22 +242,20 @@ impl StreamConsumer {
     }
 }
 
-/// Handles one message: parse, run the layered service, ack or leave pending.
-/// Returns the service's result (`None` for a malformed message) and the disposition taken.
-pub async fn handle_message<S, E>(
-    consumer: &mut StreamConsumer,
-    svc: &mut S,
-    entry: &StreamId,
-    inner_error: Settle,
-) -> RedisResult<(Option<Result<Dispatch, IdempotencyError<E>>>, Disposition)>
+/// The result of handling one message: the service's result (`None` for a malformed message)
+/// and what to do with the message.
+pub type Handled<E> = (Option<Result<Dispatch, IdempotencyError<E>>>, Disposition);
+
+/// Runs one message through the layered service and decides its disposition, without acking:
+/// lets a worker handle a batch concurrently and ack afterwards.
+pub async fn process_message<S, E>(svc: &mut S, entry: &StreamId, inner_error: Settle) -> Handled<E>
 where
     S: Service<ReviewJob, Response = Dispatch, Error = IdempotencyError<E>>,
     E: std::fmt::Display,
 {
     let Some(job) = ReviewJob::from_entry(entry) else {
         tracing::error!(id = %entry.id, "malformed message (missing or invalid project/pr/sha); acked and dropped");
-        consumer.ack(&entry.id).await?;
-        return Ok((None, Disposition::Ack));
+        return (None, Disposition::Ack);
     };
     let result = match svc.ready().await {
         Ok(svc) => svc.call(job).await,
@@ -271,10 +269,25 @@ where
         (Err(e), Disposition::Retry) => tracing::warn!(id = %entry.id, error = %e, "message left pending for retry"),
         _ => {}
     }
-    if disposition == Disposition::Ack {
+    (Some(result), disposition)
+}
+
+/// Handles one message: parse, run the layered service, ack or leave pending.
+pub async fn handle_message<S, E>(
+    consumer: &mut StreamConsumer,
+    svc: &mut S,
+    entry: &StreamId,
+    inner_error: Settle,
+) -> RedisResult<Handled<E>>
+where
+    S: Service<ReviewJob, Response = Dispatch, Error = IdempotencyError<E>>,
+    E: std::fmt::Display,
+{
+    let handled = process_message(svc, entry, inner_error).await;
+    if handled.1 == Disposition::Ack {
         consumer.ack(&entry.id).await?;
     }
-    Ok((Some(result), disposition))
+    Ok(handled)
 }
 
 /// The review dispatch wrapped in the idempotency layer, as the worker and the replay run it.
