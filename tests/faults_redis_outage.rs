@@ -46,6 +46,7 @@ async fn with_server(server: &Arc<Mutex<RedisServer>>, op: fn(&mut RedisServer))
 #[derive(Debug, Default)]
 struct KilledRun {
     records: Vec<faults_support::Record>,
+    kill_began: Duration,
     killed_at: Duration,
     restart_began: Duration,
     restarted_at: Duration,
@@ -54,8 +55,7 @@ struct KilledRun {
 
 #[test]
 fn redis_killed_under_load_fails_closed_within_bound_and_recovers_after_restart() {
-    let logs = LogCapture::default();
-    let _guard = logs.install();
+    let logs = LogCapture::global();
     let mut run = KilledRun::default();
     let events = sentry::test::with_captured_events(|| {
         current_thread_runtime().block_on(async {
@@ -70,6 +70,7 @@ fn redis_killed_under_load_fails_closed_within_bound_and_recovers_after_restart(
 
             let load = Load::start(svc, 8, "killed");
             tokio::time::sleep(Duration::from_millis(500)).await;
+            run.kill_began = load.now();
             with_server(&server, RedisServer::kill).await;
             run.killed_at = load.now();
             tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -82,7 +83,7 @@ fn redis_killed_under_load_fails_closed_within_bound_and_recovers_after_restart(
     });
 
     let records = &run.records;
-    let before: Vec<_> = records.iter().filter(|r| r.finished() < run.killed_at).collect();
+    let before: Vec<_> = records.iter().filter(|r| r.finished() < run.kill_began).collect();
     let outage: Vec<_> = records
         .iter()
         .filter(|r| r.started >= run.killed_at && r.finished() <= run.restart_began)
@@ -124,7 +125,11 @@ fn redis_killed_under_load_fails_closed_within_bound_and_recovers_after_restart(
         before
             .iter()
             .all(|r| matches!(r.outcome, Outcome::Dispatched | Outcome::Duplicate)),
-        "calls before the kill must be decided by Redis"
+        "calls before the kill must be decided by Redis: {:?}",
+        before
+            .iter()
+            .filter(|r| !matches!(r.outcome, Outcome::Dispatched | Outcome::Duplicate))
+            .collect::<Vec<_>>()
     );
     // Every call decided within the bound, including those in flight at the kill and restart.
     for r in records {
@@ -165,7 +170,7 @@ fn redis_killed_under_load_fails_closed_within_bound_and_recovers_after_restart(
     );
     // Logged at error, and reported — rate limited: one event per error kind, not one per call.
     assert!(
-        !logs.lines("ERROR", "failing closed").is_empty(),
+        !logs.lines("ERROR", "key=killed-", "failing closed").is_empty(),
         "fail-closed store errors must be logged at error"
     );
     assert!(!events.is_empty(), "the outage must be reported to Sentry");

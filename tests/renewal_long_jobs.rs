@@ -116,9 +116,11 @@ struct LostRun {
 }
 
 /// A 2 s job whose claim is taken over by someone else (another owner's token) 400 ms in.
-fn run_with_lost_claim(policy: LostClaimPolicy) -> (LostRun, LogCapture, Vec<sentry::protocol::Event<'static>>) {
-    let logs = LogCapture::default();
-    let _guard = logs.install();
+fn run_with_lost_claim(
+    policy: LostClaimPolicy,
+    key: &str,
+) -> (LostRun, LogCapture, Vec<sentry::protocol::Event<'static>>) {
+    let logs = LogCapture::global();
     let mut run = None;
     let events = sentry::test::with_captured_events(|| {
         current_thread_runtime().block_on(async {
@@ -129,7 +131,7 @@ fn run_with_lost_claim(policy: LostClaimPolicy) -> (LostRun, LogCapture, Vec<sen
                 .with_lost_claim_policy(policy);
             let dispatches = Dispatches::default();
             let svc = layer.layer(dispatches.service_taking(JOB));
-            let key = "octo/repo:9:abcdef1".to_owned();
+            let key = key.to_owned();
             let start = Instant::now();
             let job = tokio::spawn({
                 let (svc, key) = (svc.clone(), key.clone());
@@ -162,9 +164,9 @@ fn run_with_lost_claim(policy: LostClaimPolicy) -> (LostRun, LogCapture, Vec<sen
     (run.expect("scenario ran"), logs, events)
 }
 
-fn assert_logged_and_reported(logs: &LogCapture, events: &[sentry::protocol::Event<'static>]) {
+fn assert_logged_and_reported(logs: &LogCapture, key: &str, events: &[sentry::protocol::Event<'static>]) {
     assert!(
-        !logs.lines("ERROR", "claim lost").is_empty(),
+        !logs.lines("ERROR", &format!("key={key}"), "claim lost").is_empty(),
         "a lost claim must be logged at error; logs:\n{}",
         logs.text()
     );
@@ -174,10 +176,7 @@ fn assert_logged_and_reported(logs: &LogCapture, events: &[sentry::protocol::Eve
         .collect();
     assert_eq!(lost.len(), 1, "a lost claim must be reported once: {events:#?}");
     assert!(
-        lost[0]
-            .message
-            .as_deref()
-            .is_some_and(|m| m.contains("octo/repo:9:abcdef1")),
+        lost[0].message.as_deref().is_some_and(|m| m.contains(key)),
         "the report names the key: {:?}",
         lost[0].message
     );
@@ -185,7 +184,7 @@ fn assert_logged_and_reported(logs: &LogCapture, events: &[sentry::protocol::Eve
 
 #[test]
 fn lost_claim_with_continue_policy_logs_reports_and_lets_the_job_finish() {
-    let (run, logs, events) = run_with_lost_claim(LostClaimPolicy::Continue);
+    let (run, logs, events) = run_with_lost_claim(LostClaimPolicy::Continue, "octo/repo:9:abcdef1");
     eprintln!(
         "lost claim, continue: job returned {:?} after {:?}",
         run.result, run.took
@@ -197,12 +196,12 @@ fn lost_claim_with_continue_policy_logs_reports_and_lets_the_job_finish() {
     );
     assert_eq!(run.finished, 1, "the inner call ran to completion");
     assert!(run.took >= JOB);
-    assert_logged_and_reported(&logs, &events);
+    assert_logged_and_reported(&logs, "octo/repo:9:abcdef1", &events);
 }
 
 #[test]
 fn lost_claim_with_abort_policy_logs_reports_and_stops_the_job_within_one_renewal_tick() {
-    let (run, logs, events) = run_with_lost_claim(LostClaimPolicy::Abort);
+    let (run, logs, events) = run_with_lost_claim(LostClaimPolicy::Abort, "octo/repo:10:abcdef1");
     let detected = run.took - run.lost_at;
     eprintln!(
         "lost claim, abort: job returned {:?} {detected:?} after the takeover",
@@ -218,7 +217,7 @@ fn lost_claim_with_abort_policy_logs_reports_and_stops_the_job_within_one_renewa
         detected <= RENEW_EVERY + Duration::from_millis(300),
         "the loss is noticed at the next renewal tick, not at the end of the job: {detected:?}"
     );
-    assert_logged_and_reported(&logs, &events);
+    assert_logged_and_reported(&logs, "octo/repo:10:abcdef1", &events);
 }
 
 /// A store error during renewal is not proof that the claim is lost: the job keeps running (even

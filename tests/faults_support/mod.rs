@@ -228,32 +228,43 @@ pub fn assert_no_double_dispatch(records: &[Record], dispatches: &Dispatches) {
     );
 }
 
-/// Captures formatted `tracing` output of the current thread (everything on a current-thread
-/// runtime) so tests can assert what was logged.
+/// Captures formatted `tracing` output so tests can assert what was logged.
+///
+/// One process-wide subscriber per test binary: thread-local subscribers (`set_default`) are not
+/// reliable when tests run in parallel, because `tracing` caches per-callsite interest across
+/// threads. Tests running at the same time share the buffer, so each asserts on lines that name
+/// its own keys (the `idempotency{key=…}` span is part of every line).
 #[derive(Clone, Default)]
 pub struct LogCapture(Arc<Mutex<Vec<u8>>>);
 
 impl LogCapture {
-    /// Installs the capture as this thread's default subscriber until the guard is dropped.
-    pub fn install(&self) -> tracing::subscriber::DefaultGuard {
-        let sink = self.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_ansi(false)
-            .with_writer(move || sink.clone())
-            .finish();
-        tracing::subscriber::set_default(subscriber)
+    /// The capture of this test binary, installed on first use.
+    pub fn global() -> LogCapture {
+        static GLOBAL: std::sync::OnceLock<LogCapture> = std::sync::OnceLock::new();
+        GLOBAL
+            .get_or_init(|| {
+                let capture = LogCapture::default();
+                let sink = capture.clone();
+                let subscriber = tracing_subscriber::fmt()
+                    .with_max_level(tracing::Level::DEBUG)
+                    .with_ansi(false)
+                    .with_writer(move || sink.clone())
+                    .finish();
+                tracing::subscriber::set_global_default(subscriber).expect("no other global subscriber");
+                capture
+            })
+            .clone()
     }
 
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
 
-    /// Lines at `level` (e.g. "ERROR") that contain `needle`.
-    pub fn lines(&self, level: &str, needle: &str) -> Vec<String> {
+    /// Lines at `level` (e.g. "ERROR") that mention `key` and contain `needle`.
+    pub fn lines(&self, level: &str, key: &str, needle: &str) -> Vec<String> {
         self.text()
             .lines()
-            .filter(|l| l.contains(level) && l.contains(needle))
+            .filter(|l| l.contains(level) && l.contains(key) && l.contains(needle))
             .map(str::to_owned)
             .collect()
     }
