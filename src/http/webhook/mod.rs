@@ -223,12 +223,31 @@ fn parse<'a, T: Deserialize<'a>>(event: &str, body: &'a Bytes) -> Result<T, Extr
         path,
         source,
     };
+    // Derived structs would also accept a JSON array (as a tuple); a payload is an object.
+    if !text.trim_start().starts_with('{') {
+        let error = <serde_json::Error as serde::de::Error>::invalid_type(first_token(text), &"a JSON object");
+        return Err(malformed(".".to_owned(), error));
+    }
     let mut de = serde_json::Deserializer::from_str(text);
     let value =
         serde_path_to_error::deserialize(&mut de).map_err(|e| malformed(e.path().to_string(), e.into_inner()))?;
     // Trailing garbage after the document makes it malformed too.
     de.end().map_err(|e| malformed(".".to_owned(), e))?;
     Ok(value)
+}
+
+/// What a document that is not an object starts with, for the error message.
+fn first_token(text: &str) -> serde::de::Unexpected<'static> {
+    use serde::de::Unexpected;
+    match text.trim_start().bytes().next() {
+        None => Unexpected::Other("an empty body"),
+        Some(b'[') => Unexpected::Seq,
+        Some(b'"') => Unexpected::Other("a string"),
+        Some(b'n') => Unexpected::Unit,
+        Some(b't' | b'f') => Unexpected::Other("a boolean"),
+        Some(b'-' | b'0'..=b'9') => Unexpected::Other("a number"),
+        Some(_) => Unexpected::Other("something that is not JSON"),
+    }
 }
 
 /// A pull request number from a ref such as `refs/pull/42/head`.
