@@ -229,8 +229,14 @@ fn parse<'a, T: Deserialize<'a>>(event: &str, body: &'a Bytes) -> Result<T, Extr
         return Err(malformed(".".to_owned(), error));
     }
     let mut de = serde_json::Deserializer::from_str(text);
-    let value =
-        serde_path_to_error::deserialize(&mut de).map_err(|e| malformed(e.path().to_string(), e.into_inner()))?;
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        // `?` is an object key the parser could not read: that is the enclosing object's problem.
+        let path = match e.path().to_string() {
+            p if p == "?" => ".".to_owned(),
+            p => p.strip_suffix(".?").map(str::to_owned).unwrap_or(p),
+        };
+        malformed(path, e.into_inner())
+    })?;
     // Trailing garbage after the document makes it malformed too.
     de.end().map_err(|e| malformed(".".to_owned(), e))?;
     Ok(value)
