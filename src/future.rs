@@ -108,10 +108,17 @@ pub(crate) struct Chain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
 
 impl fmt::Display for Chain<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
+        let mut shown = self.0.to_string();
+        f.write_str(&shown)?;
         let mut source = self.0.source();
         while let Some(s) = source {
-            write!(f, ": {s}")?;
+            // Some errors (redis-rs among them) display their source's text themselves; don't
+            // repeat it.
+            let text = s.to_string();
+            if !shown.ends_with(&text) {
+                write!(f, ": {text}")?;
+            }
+            shown = text;
             source = s.source();
         }
         Ok(())
@@ -457,5 +464,31 @@ where
                 spawn_cleanup(config.store.clone(), held.full_key, held.token, config.ttl);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Chain;
+
+    #[derive(Debug)]
+    struct E(&'static str, Option<Box<E>>);
+    impl std::fmt::Display for E {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+    impl std::error::Error for E {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    #[test]
+    fn chain_renders_sources_once() {
+        let e = E("outer", Some(Box::new(E("middle: inner", Some(Box::new(E("inner", None)))))));
+        assert_eq!(Chain(&e).to_string(), "outer: middle: inner");
+        let plain = E("a", Some(Box::new(E("b", None))));
+        assert_eq!(Chain(&plain).to_string(), "a: b");
     }
 }

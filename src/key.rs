@@ -47,8 +47,9 @@ pub enum KeyError {
         /// The limit in bytes.
         max: usize,
     },
-    /// The key contained a control character (newline, NUL, escape, ...).
-    #[error("idempotency key contains a control character at byte {index}")]
+    /// The key contained a control character (newline, NUL, escape, ...) or an invisible one
+    /// (line separator, bidirectional override, zero-width space, byte-order mark).
+    #[error("idempotency key contains a control or invisible character at byte {index}")]
     ControlCharacter {
         /// Byte offset of the first control character.
         index: usize,
@@ -89,7 +90,7 @@ impl IdempotencyKey {
     /// # Ok::<(), tower_idempotency::KeyError>(())
     /// ```
     pub fn for_pull_request(project: &str, pull_request: u64, head_sha: &str) -> Result<Self, KeyError> {
-        if project.is_empty() || project.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        if project.is_empty() || project.chars().any(|c| c.is_whitespace() || is_unprintable(c)) {
             return Err(KeyError::InvalidProject(truncate_for_error(project)));
         }
         if pull_request == 0 {
@@ -118,10 +119,18 @@ fn validate(key: &str) -> Result<(), KeyError> {
             max: MAX_KEY_LEN,
         });
     }
-    if let Some((index, _)) = key.char_indices().find(|(_, c)| c.is_control()) {
+    if let Some((index, _)) = key.char_indices().find(|&(_, c)| is_unprintable(c)) {
         return Err(KeyError::ControlCharacter { index });
     }
     Ok(())
+}
+
+/// Control characters, plus the invisible characters that make a key render differently from
+/// what it is in logs and terminals: line/paragraph separators, bidirectional overrides and
+/// isolates ("Trojan Source"), zero-width characters and the byte-order mark.
+fn is_unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
 }
 
 /// Error messages quote the offending input; keep them short and printable.
@@ -190,6 +199,9 @@ mod tests {
             Err(KeyError::ControlCharacter { index: 2 })
         );
         assert!(IdempotencyKey::new("ünïcode/ok:1").is_ok());
+        for invisible in ['\u{2028}', '\u{202E}', '\u{200B}', '\u{2066}', '\u{FEFF}'] {
+            assert_eq!(IdempotencyKey::new(format!("a{invisible}")), Err(KeyError::ControlCharacter { index: 1 }));
+        }
     }
 
     #[test]

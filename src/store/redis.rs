@@ -67,13 +67,39 @@ impl<C> fmt::Debug for RedisStore<C> {
 }
 
 /// Builds a [`RedisStore`] over a [`ConnectionManager`]. See [`RedisStore::builder`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RedisStoreBuilder {
     url: String,
     timeout: Duration,
     reconnect_retries: usize,
     reconnect_min_delay: Duration,
     reconnect_max_delay: Duration,
+}
+
+impl fmt::Debug for RedisStoreBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStoreBuilder")
+            .field("url", &redact_password(&self.url))
+            .field("timeout", &self.timeout)
+            .field("reconnect_retries", &self.reconnect_retries)
+            .field("reconnect_min_delay", &self.reconnect_min_delay)
+            .field("reconnect_max_delay", &self.reconnect_max_delay)
+            .finish()
+    }
+}
+
+/// `redis://user:secret@host` -> `redis://user:***@host`, so a logged builder leaks no password.
+pub(crate) fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => format!("{scheme}://***@{host}"),
+    }
 }
 
 impl RedisStoreBuilder {
@@ -260,5 +286,20 @@ where
             )
             .await?;
         Ok(renewed == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builder_debug_hides_the_password() {
+        let b = RedisStore::builder("redis://svc:hunter2@cache.internal:6379/0");
+        let shown = format!("{b:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("redis://svc:***@cache.internal:6379/0"), "{shown}");
+        assert_eq!(redact_password("redis://:pw@h"), "redis://:***@h");
+        assert_eq!(redact_password("redis://h:6379"), "redis://h:6379");
     }
 }
