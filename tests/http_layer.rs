@@ -25,7 +25,9 @@ use tower_idempotency::{IdempotencyKey, KeyError, LostClaimPolicy, RedisStore};
 use webhook_support::status_and_body;
 
 async fn store(server: &RedisServer) -> RedisStore {
-    RedisStore::connect(server.url()).await.expect("connect to the test redis")
+    RedisStore::connect(server.url())
+        .await
+        .expect("connect to the test redis")
 }
 
 /// Answers with the status in `x-respond-status` (default 200), marks the response `Blocked`
@@ -89,7 +91,11 @@ async fn duplicate_is_409_with_idempotency_status_header_and_json_body() {
 
     let first = app.clone().oneshot(request(Some("pay-1"), &[], "a")).await.unwrap();
     assert_eq!(first.status(), StatusCode::OK);
-    assert_eq!(first.headers()["x-seen-key"], "pay-1", "the handler sees the claimed key");
+    assert_eq!(
+        first.headers()["x-seen-key"],
+        "pay-1",
+        "the handler sees the claimed key"
+    );
 
     let second = app.oneshot(request(Some("pay-1"), &[], "a")).await.unwrap();
     assert_eq!(second.status(), StatusCode::CONFLICT);
@@ -108,7 +114,13 @@ async fn webhook_preset_answers_duplicates_200_with_the_same_header_and_body() {
     let layer = HttpIdempotencyLayer::new(store(&server).await, HeaderKey::github_delivery())
         .with_responses(JsonResponses::webhook());
     let app = app(layer, &calls);
-    let delivery = || request(None, &[("x-github-delivery", "72d3162e-cc78-11e3-81ab-4c9367dc0958")], "{}");
+    let delivery = || {
+        request(
+            None,
+            &[("x-github-delivery", "72d3162e-cc78-11e3-81ab-4c9367dc0958")],
+            "{}",
+        )
+    };
 
     assert_eq!(app.clone().oneshot(delivery()).await.unwrap().status(), StatusCode::OK);
     let duplicate = app.oneshot(delivery()).await.unwrap();
@@ -173,7 +185,10 @@ async fn invalid_keys_are_400_naming_what_is_wrong_and_take_no_claim() {
         .insert("idempotency-key", http::HeaderValue::from_bytes(b"caf\xe9").unwrap());
     let (status, body) = status_and_body(app.oneshot(non_ascii).await.unwrap()).await;
     assert_eq!(status, 400);
-    assert_eq!(body, r#"{"error":"`idempotency-key` header is not visible ASCII text"}"#);
+    assert_eq!(
+        body,
+        r#"{"error":"`idempotency-key` header is not visible ASCII text"}"#
+    );
 
     assert_eq!(calls.get(), 0);
     assert_eq!(dbsize(&server), 0, "no claim was taken");
@@ -264,14 +279,20 @@ async fn a_429_or_a_blocked_response_releases_the_claim_other_responses_keep_it(
         async move { app.oneshot(request(Some("job-1"), extra, "a")).await.unwrap().status() }
     };
 
-    assert_eq!(send(&[("x-respond-status", "429")]).await, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        send(&[("x-respond-status", "429")]).await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
     assert_eq!(dbsize(&server), 0, "429 released the claim");
     assert_eq!(
         send(&[("x-respond-status", "503"), ("x-respond-blocked", "1")]).await,
         StatusCode::SERVICE_UNAVAILABLE
     );
     assert_eq!(dbsize(&server), 0, "Blocked released the claim");
-    assert_eq!(send(&[("x-respond-status", "500")]).await, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(
+        send(&[("x-respond-status", "500")]).await,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
     assert_eq!(dbsize(&server), 1, "a 5xx keeps the claim by default");
     assert_eq!(send(&[]).await, StatusCode::CONFLICT);
     assert_eq!(calls.get(), 3);
@@ -285,7 +306,11 @@ async fn a_429_or_a_blocked_response_releases_the_claim_other_responses_keep_it(
         .unwrap()
         .status();
     assert_eq!(status, StatusCode::BAD_GATEWAY);
-    assert_eq!(server.cli(&["EXISTS", "job-2"]).trim(), "0", "released on 5xx when asked");
+    assert_eq!(
+        server.cli(&["EXISTS", "job-2"]).trim(),
+        "0",
+        "released on 5xx when asked"
+    );
     let again = released.oneshot(request(Some("job-2"), &[], "a")).await.unwrap();
     assert_eq!(again.status(), StatusCode::OK, "a later trigger dispatches");
 }
@@ -386,8 +411,11 @@ async fn stacked_layers_do_not_claim_each_others_keys() {
     let server = RedisServer::start();
     let calls = Calls::default();
     let outer = HttpIdempotencyLayer::new(store(&server).await, HeaderKey::idempotency_key()).with_namespace("outer:");
-    let inner = HttpIdempotencyLayer::new(store(&server).await, HeaderKey::new(http::HeaderName::from_static("x-other")))
-        .with_namespace("inner:");
+    let inner = HttpIdempotencyLayer::new(
+        store(&server).await,
+        HeaderKey::new(http::HeaderName::from_static("x-other")),
+    )
+    .with_namespace("inner:");
     let app = Router::new()
         .route("/jobs", post(echo))
         .route_layer(inner)

@@ -6,7 +6,6 @@
 mod common;
 mod webhook_support;
 
-#[allow(dead_code)]
 #[path = "../examples/support/webhook_router.rs"]
 mod webhook_router;
 

@@ -14,7 +14,6 @@
 mod common;
 mod webhook_support;
 
-#[allow(dead_code)]
 #[path = "../examples/support/webhook_router.rs"]
 mod webhook_router;
 
@@ -31,15 +30,17 @@ use tower::ServiceExt;
 use tower_idempotency::IdempotencyKey;
 use tower_idempotency::RedisStore;
 use tower_idempotency::http::{
-    DispatchTarget, GitHubDispatchKey, GitLabDispatchKey, HttpIdempotencyLayer, HttpKeyExtractor,
-    JsonResponses,
+    DispatchTarget, GitHubDispatchKey, GitLabDispatchKey, HttpIdempotencyLayer, HttpKeyExtractor, JsonResponses,
 };
 use webhook_support::{corpus_dir, files_in, status_and_body};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Expect {
     /// Claims this key; the target has this action.
-    Key { key: &'static str, action: Option<&'static str> },
+    Key {
+        key: &'static str,
+        action: Option<&'static str>,
+    },
     /// Passes through unclaimed.
     PassThrough,
     /// Refused with `400`; the error's own message (without its sources).
@@ -72,7 +73,12 @@ fn github_cases() -> Vec<(&'static str, &'static str, Expect, Expect)> {
             PassThrough,
         ),
         // pull_requests is empty and head_branch is "main": no pull request.
-        ("check_suite.completed.1.payload.json", "check_suite", PassThrough, PassThrough),
+        (
+            "check_suite.completed.1.payload.json",
+            "check_suite",
+            PassThrough,
+            PassThrough,
+        ),
         (
             "check_suite.completed.payload.json",
             "check_suite",
@@ -87,7 +93,12 @@ fn github_cases() -> Vec<(&'static str, &'static str, Expect, Expect)> {
             PassThrough,
         ),
         // pull_requests is empty and head_branch is "master": no pull request.
-        ("check_suite.requested.payload.json", "check_suite", PassThrough, PassThrough),
+        (
+            "check_suite.requested.payload.json",
+            "check_suite",
+            PassThrough,
+            PassThrough,
+        ),
         (
             "check_suite.rerequested.payload.json",
             "check_suite",
@@ -96,10 +107,25 @@ fn github_cases() -> Vec<(&'static str, &'static str, Expect, Expect)> {
         ),
         ("github-delivery-headers.excerpt.txt", "check_suite", NOT_JSON, NOT_JSON),
         // A comment on a plain issue; issue_comment is never keyed (no head SHA in the payload).
-        ("issue_comment.created.payload.json", "issue_comment", PassThrough, PassThrough),
+        (
+            "issue_comment.created.payload.json",
+            "issue_comment",
+            PassThrough,
+            PassThrough,
+        ),
         ("octokit-webhooks.LICENSE", "check_suite", NOT_JSON, NOT_JSON),
-        ("pull_request.closed.payload.json", "pull_request", key(HELLO_PR2, "closed"), PassThrough),
-        ("pull_request.opened.payload.json", "pull_request", key(HELLO_PR2, "opened"), PassThrough),
+        (
+            "pull_request.closed.payload.json",
+            "pull_request",
+            key(HELLO_PR2, "closed"),
+            PassThrough,
+        ),
+        (
+            "pull_request.opened.payload.json",
+            "pull_request",
+            key(HELLO_PR2, "opened"),
+            PassThrough,
+        ),
         (
             "pull_request.reopened.payload.json",
             "pull_request",
@@ -128,7 +154,12 @@ fn github_cases() -> Vec<(&'static str, &'static str, Expect, Expect)> {
         ("push.with-new-branch.payload.json", "push", PassThrough, PassThrough),
         ("status.payload.json", "status", PassThrough, PassThrough),
         // pull_requests is empty and head_branch is "master": no pull request.
-        ("workflow_run.completed.payload.json", "workflow_run", PassThrough, PassThrough),
+        (
+            "workflow_run.completed.payload.json",
+            "workflow_run",
+            PassThrough,
+            PassThrough,
+        ),
         // Keyed on workflow_run.head_sha (3484a3fb…), not on pull_requests[0].head.sha (ec26c3e5…).
         (
             "workflow_run.completed.with-pull-requests.payload.json",
@@ -147,12 +178,18 @@ fn gitlab_cases() -> Vec<(&'static str, &'static str, Expect)> {
         (
             "gitlab.merge_request.json",
             "Merge Request Hook",
-            key("gitlabhq/gitlab-test:1:da1560886d4f094c3e6c9ef40349f7d38b5d27d7", "open"),
+            key(
+                "gitlabhq/gitlab-test:1:da1560886d4f094c3e6c9ef40349f7d38b5d27d7",
+                "open",
+            ),
         ),
         (
             "gitlab.note_merge_request.json",
             "Note Hook",
-            key("gitlab-org/gitlab-test:1:562e173be03b8ff2efb05345d12df18815438a4b", "create"),
+            key(
+                "gitlab-org/gitlab-test:1:562e173be03b8ff2efb05345d12df18815438a4b",
+                "create",
+            ),
         ),
         (
             "gitlab.pipeline.json",
@@ -199,13 +236,17 @@ where
                 .get::<DispatchTarget>()
                 .unwrap_or_else(|| panic!("{file}: no DispatchTarget"));
             // The key is the target's triple.
-            let rebuilt = IdempotencyKey::for_pull_request(&target.project, target.pull_request, &target.head_sha).unwrap();
+            let rebuilt =
+                IdempotencyKey::for_pull_request(&target.project, target.pull_request, &target.head_sha).unwrap();
             assert_eq!(rebuilt.as_str(), key, "{file}: target {target:?}");
             assert_eq!(target.action.as_deref(), action, "{file}: action");
             assert_eq!(target.delivery.as_deref(), Some("delivery-1"), "{file}: delivery");
         }
         (PassThrough, Ok(None)) => {
-            assert!(parts.extensions.get::<DispatchTarget>().is_none(), "{file}: target on a pass-through");
+            assert!(
+                parts.extensions.get::<DispatchTarget>().is_none(),
+                "{file}: target on a pass-through"
+            );
         }
         (Rejected(message), Err(error)) => assert_eq!(error.to_string(), message, "{file}: error"),
         (expect, got) => panic!("{file}: expected {expect:?}, got {got:?}"),
@@ -249,8 +290,15 @@ async fn check_layer(app: &Router, file: &str, headers: &[(&str, &str)], body: &
         for (name, value) in headers {
             builder = builder.header(*name, *value);
         }
-        let response = app.clone().oneshot(builder.body(Body::from(body.clone())).unwrap()).await.unwrap();
-        let seen = response.headers().get("x-seen-key").map(|v| v.to_str().unwrap().to_owned());
+        let response = app
+            .clone()
+            .oneshot(builder.body(Body::from(body.clone())).unwrap())
+            .await
+            .unwrap();
+        let seen = response
+            .headers()
+            .get("x-seen-key")
+            .map(|v| v.to_str().unwrap().to_owned());
         let duplicate = response.headers().get("idempotency-status").is_some();
         let raw = response.status();
         let (status, text) = status_and_body(response).await;
@@ -296,9 +344,26 @@ async fn every_github_corpus_file_gets_its_exact_key_or_passes_through() {
         let headers = [("x-github-event", event), ("x-github-delivery", "delivery-1")];
         check_extractor(&all, file, &headers, &body, with_all);
         check_extractor(&routed, file, &headers, &body, with_router_rules);
-        check_layer(&app(store.clone(), all.clone(), &format!("all{i}:")), file, &headers, &body, with_all).await;
-        check_layer(&app(store.clone(), routed.clone(), &format!("routed{i}:")), file, &headers, &body, with_router_rules).await;
-        claimed += [with_all, with_router_rules].iter().filter(|e| matches!(e, Expect::Key { .. })).count();
+        check_layer(
+            &app(store.clone(), all.clone(), &format!("all{i}:")),
+            file,
+            &headers,
+            &body,
+            with_all,
+        )
+        .await;
+        check_layer(
+            &app(store.clone(), routed.clone(), &format!("routed{i}:")),
+            file,
+            &headers,
+            &body,
+            with_router_rules,
+        )
+        .await;
+        claimed += [with_all, with_router_rules]
+            .iter()
+            .filter(|e| matches!(e, Expect::Key { .. }))
+            .count();
     }
     // Exactly the keyed deliveries left a claim; nothing else touched Redis.
     assert_eq!(server.cli(&["DBSIZE"]).trim(), claimed.to_string());
@@ -319,7 +384,14 @@ async fn every_gitlab_corpus_file_gets_its_exact_key_or_passes_through() {
         let body = RawBytes::from(std::fs::read(dir.join(file)).unwrap());
         let headers = [("x-gitlab-event", hook), ("x-gitlab-webhook-uuid", "delivery-1")];
         check_extractor(&extractor, file, &headers, &body, expect);
-        check_layer(&app(store.clone(), extractor.clone(), &format!("gl{i}:")), file, &headers, &body, expect).await;
+        check_layer(
+            &app(store.clone(), extractor.clone(), &format!("gl{i}:")),
+            file,
+            &headers,
+            &body,
+            expect,
+        )
+        .await;
         claimed += usize::from(matches!(expect, Expect::Key { .. }));
     }
     assert_eq!(server.cli(&["DBSIZE"]).trim(), claimed.to_string());

@@ -6,7 +6,6 @@
 mod common;
 mod webhook_support;
 
-#[allow(dead_code)]
 #[path = "../examples/support/webhook_router.rs"]
 mod webhook_router;
 
@@ -48,7 +47,11 @@ async fn send(app: &Router, request: Request<Body>) -> (u16, String) {
 fn stream_entries(server: &RedisServer, stream: &str) -> Vec<Vec<String>> {
     // `redis-cli` prints an entry as its id, then field and value lines.
     let out = server.cli(&["XRANGE", stream, "-", "+"]);
-    let lines: Vec<String> = out.lines().map(|l| l.trim().to_owned()).filter(|l| !l.is_empty()).collect();
+    let lines: Vec<String> = out
+        .lines()
+        .map(|l| l.trim().to_owned())
+        .filter(|l| !l.is_empty())
+        .collect();
     lines.chunks(11).map(|c| c[1..].to_vec()).collect()
 }
 
@@ -57,7 +60,11 @@ async fn a_dispatching_event_is_202_and_one_xadd_with_the_documented_fields() {
     let server = RedisServer::start();
     let app = router(&server, |_| {}).await;
 
-    let (status, body) = send(&app, github_delivery("pull_request", "delivery-1", review_requested(2, SHA))).await;
+    let (status, body) = send(
+        &app,
+        github_delivery("pull_request", "delivery-1", review_requested(2, SHA)),
+    )
+    .await;
     assert_eq!(status, 202);
     assert_eq!(
         body,
@@ -66,9 +73,20 @@ async fn a_dispatching_event_is_202_and_one_xadd_with_the_documented_fields() {
     assert_eq!(
         stream_entries(&server, "reviews"),
         vec![
-            ["project", "Codertocat/Hello-World", "pr", "2", "sha", SHA, "event", "pull_request", "delivery", "delivery-1"]
-                .map(String::from)
-                .to_vec()
+            [
+                "project",
+                "Codertocat/Hello-World",
+                "pr",
+                "2",
+                "sha",
+                SHA,
+                "event",
+                "pull_request",
+                "delivery",
+                "delivery-1"
+            ]
+            .map(String::from)
+            .to_vec()
         ]
     );
     let ttl: i64 = server
@@ -101,7 +119,11 @@ async fn duplicates_across_events_and_deliveries_are_200_with_the_duplicate_body
         );
     }
     // A new head SHA is new work.
-    let (status, _) = send(&app, github_delivery("check_suite", "d-3", check_suite("completed", "success", 2, SHA_B))).await;
+    let (status, _) = send(
+        &app,
+        github_delivery("check_suite", "d-3", check_suite("completed", "success", 2, SHA_B)),
+    )
+    .await;
     assert_eq!(status, 202);
     assert_eq!(stream_entries(&server, "reviews").len(), 2);
 }
@@ -118,12 +140,18 @@ async fn events_that_dispatch_nothing_are_200_ignored_and_take_no_claim() {
         ("push", r#"{"ref":"refs/heads/main"}"#.to_owned()),
         ("ping", r#"{"zen":"Keep it logically awesome."}"#.to_owned()),
         ("status", r#"{"state":"success"}"#.to_owned()),
-        ("issue_comment", r#"{"action":"created","issue":{"number":1}}"#.to_owned()),
+        (
+            "issue_comment",
+            r#"{"action":"created","issue":{"number":1}}"#.to_owned(),
+        ),
         ("pull_request", opened),
         ("check_suite", check_suite("requested", "success", 2, SHA)),
         ("check_suite", check_suite("completed", "failure", 2, SHA)),
         ("check_suite", check_suite("completed", "neutral", 2, SHA)),
-        ("check_run", r#"{"action":"completed","check_run":{"conclusion":"success"}}"#.to_owned()),
+        (
+            "check_run",
+            r#"{"action":"completed","check_run":{"conclusion":"success"}}"#.to_owned(),
+        ),
         ("workflow_run", workflow_failed),
         ("pull_request_review", r#"{"action":"submitted"}"#.to_owned()),
     ];
@@ -134,7 +162,11 @@ async fn events_that_dispatch_nothing_are_200_ignored_and_take_no_claim() {
     assert_eq!(server.cli(&["DBSIZE"]).trim(), "0", "no claim, no stream entry");
 
     // A filtered-out event did not block the real trigger that follows it.
-    let (status, _) = send(&app, github_delivery("check_suite", "d", check_suite("completed", "success", 2, SHA))).await;
+    let (status, _) = send(
+        &app,
+        github_delivery("check_suite", "d", check_suite("completed", "success", 2, SHA)),
+    )
+    .await;
     assert_eq!(status, 202);
 }
 
@@ -152,7 +184,11 @@ async fn at_capacity_the_answer_is_429_blocked_and_the_claim_is_released() {
     let (status, body) = send(&app, github_delivery("pull_request", "d-2", review_requested(3, SHA))).await;
     assert_eq!((status, body.as_str()), (429, r#"{"status":"blocked"}"#));
     let blocked_claim = format!("github-dispatch:Codertocat/Hello-World:3:{SHA}");
-    assert_eq!(server.cli(&["EXISTS", &blocked_claim]).trim(), "0", "the claim was released");
+    assert_eq!(
+        server.cli(&["EXISTS", &blocked_claim]).trim(),
+        "0",
+        "the claim was released"
+    );
     assert_eq!(stream_entries(&server, "review-queue").len(), 1);
 
     // Once the queue drains, the redelivery dispatches (it was not blocked by its own claim).
@@ -177,7 +213,11 @@ async fn a_stream_that_refuses_the_write_is_503_and_the_claim_is_released() {
     let (status, body) = status_and_body(response).await;
     assert_eq!((status, body.as_str()), (503, r#"{"status":"unavailable"}"#));
     let claim = format!("github-dispatch:Codertocat/Hello-World:2:{SHA}");
-    assert_eq!(server.cli(&["EXISTS", &claim]).trim(), "0", "released: a redelivery may dispatch");
+    assert_eq!(
+        server.cli(&["EXISTS", &claim]).trim(),
+        "0",
+        "released: a redelivery may dispatch"
+    );
 
     server.cli(&["DEL", "reviews"]);
     let (status, _) = send(&app, github_delivery("pull_request", "d-1", review_requested(2, SHA))).await;
@@ -208,7 +248,9 @@ async fn store_unavailable_is_503_and_health_stays_200() {
     server.restart();
     let mut status = 0;
     for _ in 0..50 {
-        status = send(&app, github_delivery("pull_request", "d-1", review_requested(2, SHA))).await.0;
+        status = send(&app, github_delivery("pull_request", "d-1", review_requested(2, SHA)))
+            .await
+            .0;
         if status == 202 {
             break;
         }
@@ -225,24 +267,48 @@ async fn bad_input_is_400_or_413_and_bad_signatures_are_401() {
 
     // Signatures come first: unsigned and wrongly signed deliveries are 401.
     let (status, body) = send(&app, github_delivery("pull_request", "d-1", review_requested(2, SHA))).await;
-    assert_eq!((status, body.as_str()), (401, r#"{"error":"missing `x-hub-signature-256` header"}"#));
-    let (status, _) = send(&app, signed_github_delivery(b"wrong", "pull_request", "d-1", review_requested(2, SHA))).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (401, r#"{"error":"missing `x-hub-signature-256` header"}"#)
+    );
+    let (status, _) = send(
+        &app,
+        signed_github_delivery(b"wrong", "pull_request", "d-1", review_requested(2, SHA)),
+    )
+    .await;
     assert_eq!(status, 401);
 
     // Signed but malformed: 400 naming the problem.
-    let (status, body) = send(&app, signed_github_delivery(&secret, "pull_request", "d-1", "{not json")).await;
+    let (status, body) = send(
+        &app,
+        signed_github_delivery(&secret, "pull_request", "d-1", "{not json"),
+    )
+    .await;
     assert_eq!(status, 400);
-    assert!(body.starts_with(r#"{"error":"malformed `pull_request` payload at `.`: "#), "{body}");
+    assert!(
+        body.starts_with(r#"{"error":"malformed `pull_request` payload at `.`: "#),
+        "{body}"
+    );
     let missing_sha = review_requested(2, SHA).replace(&format!(r#""sha":"{SHA}""#), r#""ref":"x""#);
-    let (status, body) = send(&app, signed_github_delivery(&secret, "pull_request", "d-1", missing_sha)).await;
+    let (status, body) = send(
+        &app,
+        signed_github_delivery(&secret, "pull_request", "d-1", missing_sha),
+    )
+    .await;
     assert_eq!(
         (status, body.as_str()),
-        (400, r#"{"error":"`pull_request` payload has no `pull_request.head.sha`"}"#)
+        (
+            400,
+            r#"{"error":"`pull_request` payload has no `pull_request.head.sha`"}"#
+        )
     );
     let mut no_event = signed_github_delivery(&secret, "pull_request", "d-1", review_requested(2, SHA));
     no_event.headers_mut().remove("x-github-event");
     let (status, body) = send(&app, no_event).await;
-    assert_eq!((status, body.as_str()), (400, r#"{"error":"missing `x-github-event` header"}"#));
+    assert_eq!(
+        (status, body.as_str()),
+        (400, r#"{"error":"missing `x-github-event` header"}"#)
+    );
 
     // Over 25 MB.
     let big = vec![b' '; 25 * 1024 * 1024 + 1];
@@ -250,7 +316,11 @@ async fn bad_input_is_400_or_413_and_bad_signatures_are_401() {
     assert_eq!(status, 413);
 
     assert_eq!(server.cli(&["DBSIZE"]).trim(), "0", "nothing claimed or dispatched");
-    let (status, _) = send(&app, signed_github_delivery(&secret, "pull_request", "d-1", review_requested(2, SHA))).await;
+    let (status, _) = send(
+        &app,
+        signed_github_delivery(&secret, "pull_request", "d-1", review_requested(2, SHA)),
+    )
+    .await;
     assert_eq!(status, 202, "correctly signed");
 }
 
@@ -284,7 +354,13 @@ fn command_line_defaults_follow_the_contract() {
     let cfg = RouterConfig::parse(args(&[]), Some(String::new()), Some(String::new())).unwrap();
     assert_eq!(cfg.redis_url, "redis://127.0.0.1:6379");
     assert_eq!(cfg.secret, None);
-    assert!(!format!("{:?}", RouterConfig::parse(args(&[]), None, Some("s3cr3t".into())).unwrap()).contains("s3cr3t"));
+    assert!(
+        !format!(
+            "{:?}",
+            RouterConfig::parse(args(&[]), None, Some("s3cr3t".into())).unwrap()
+        )
+        .contains("s3cr3t")
+    );
 }
 
 #[test]

@@ -11,7 +11,6 @@
 mod common;
 mod webhook_support;
 
-#[allow(dead_code)]
 #[path = "../examples/support/webhook_router.rs"]
 mod webhook_router;
 
@@ -45,7 +44,11 @@ fn deliveries() -> (Vec<(String, String, String)>, BTreeSet<Triple>) {
     let mut out = Vec::new();
     let mut triples = BTreeSet::new();
     for pr in 1..=PULL_REQUESTS {
-        let project = if pr % 2 == 0 { "octo-org/octo-repo" } else { "Codertocat/Hello-World" };
+        let project = if pr % 2 == 0 {
+            "octo-org/octo-repo"
+        } else {
+            "Codertocat/Hello-World"
+        };
         for n in 0..SHAS_PER_PR {
             let sha = sha(pr, n);
             triples.insert(Triple {
@@ -86,7 +89,11 @@ fn deliveries() -> (Vec<(String, String, String)>, BTreeSet<Triple>) {
                     r#"{{"action":"requested","repository":{{"full_name":"{project}"}},"check_suite":{{"head_sha":"{sha}","conclusion":null,"pull_requests":[{{"number":{pr}}}]}}}}"#
                 ),
             ));
-            out.push(("push".to_owned(), format!("push-{tag}"), r#"{"ref":"refs/heads/main"}"#.to_owned()));
+            out.push((
+                "push".to_owned(),
+                format!("push-{tag}"),
+                r#"{"ref":"refs/heads/main"}"#.to_owned(),
+            ));
         }
     }
     // GitHub's redeliveries: the same delivery id and body again.
@@ -95,7 +102,13 @@ fn deliveries() -> (Vec<(String, String, String)>, BTreeSet<Triple>) {
     (out, triples)
 }
 
-async fn start(router: Router) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<std::io::Result<()>>) {
+async fn start(
+    router: Router,
+) -> (
+    SocketAddr,
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -154,7 +167,11 @@ async fn entries(server: &RedisServer, stream: &str) -> Vec<(Triple, String, Str
         .ids
         .iter()
         .map(|entry| {
-            let field = |name: &str| entry.get::<String>(name).unwrap_or_else(|| panic!("field {name} in {entry:?}"));
+            let field = |name: &str| {
+                entry
+                    .get::<String>(name)
+                    .unwrap_or_else(|| panic!("field {name} in {entry:?}"))
+            };
             (
                 Triple {
                     project: field("project"),
@@ -240,7 +257,13 @@ async fn with_per_process_memory_stores_the_same_check_finds_double_dispatches()
     let server = RedisServer::start();
     let (deliveries, triples) = deliveries();
     let cfg = config(&server, "reviews-memory");
-    let conn = || async { redis::Client::open(server.url()).unwrap().get_connection_manager().await.unwrap() };
+    let conn = || async {
+        redis::Client::open(server.url())
+            .unwrap()
+            .get_connection_manager()
+            .await
+            .unwrap()
+    };
     let (a, stop_a, _) = start(webhook_router::build_with_store(&cfg, MemoryStore::new(), conn().await)).await;
     let (b, stop_b, _) = start(webhook_router::build_with_store(&cfg, MemoryStore::new(), conn().await)).await;
 

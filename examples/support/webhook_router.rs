@@ -421,7 +421,9 @@ fn stream_unavailable(key: &IdempotencyKey, command: &str, error: &redis::RedisE
     let may_have_applied = (error.is_io_error() || error.is_timeout()) && !error.is_connection_refusal();
     tracing::error!(key = %key, outcome = "stream_unavailable", command, error = %error, may_have_applied, "cannot write the review stream");
     let mut response = reply(StatusCode::SERVICE_UNAVAILABLE, "unavailable", None);
-    response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("5"));
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("5"));
     if !may_have_applied {
         response.extensions_mut().insert(Blocked);
     }

@@ -44,7 +44,9 @@ pub fn files_in(dir: &Path) -> Vec<(String, PathBuf)> {
 
 /// A fixture from `tests/fixtures/`.
 pub fn fixture(relative: &str) -> Vec<u8> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(relative);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(relative);
     std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", path.display()))
 }
 
