@@ -3,7 +3,7 @@
 //! receive them.
 //!
 //! ```text
-//! GITHUB_WEBHOOK_SECRET=… cargo run --features http --example github_webhook -- \
+//! GITHUB_WEBHOOK_SECRET=… cargo run --example github_webhook -- \
 //!     [--listen ADDR] [--redis URL] [--namespace NS] [--ttl-secs N] [--stream NAME] [--capacity N]
 //! ```
 //!
