@@ -57,6 +57,42 @@
 //! assert_eq!(second.headers()["idempotency-status"], "duplicate");
 //! # }
 //! ```
+//!
+//! # Webhook receiver
+//!
+//! One review per (repository, pull request, head SHA), however many deliveries announce it;
+//! events that will not dispatch never take a claim. `examples/github_webhook.rs` is the complete
+//! reference router.
+//!
+//! ```no_run
+//! use axum::{Extension, Router, http::StatusCode, routing::post};
+//! use tower_idempotency::{IdempotencyKey, RedisStore};
+//! use tower_idempotency::http::{DispatchRules, DispatchTarget, GitHubDispatchKey, HttpIdempotencyLayer};
+//!
+//! async fn github(key: Option<Extension<IdempotencyKey>>, target: Option<Extension<DispatchTarget>>) -> StatusCode {
+//!     match (key, target) {
+//!         // Claimed: dispatch the review of t.project #t.pull_request at t.head_sha. Answering
+//!         // 429 (or marking the response `Blocked`) releases the claim.
+//!         (Some(_), Some(Extension(_t))) => StatusCode::ACCEPTED,
+//!         // An event that dispatches nothing; it took no claim.
+//!         _ => StatusCode::OK,
+//!     }
+//! }
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = RedisStore::connect("redis://127.0.0.1:6379").await?;
+//! let rules = DispatchRules::new()
+//!     .allow("check_suite", Some("completed"), Some("success"))
+//!     .allow("pull_request", Some("review_requested"), None);
+//! let app: Router = Router::new()
+//!     .route("/webhooks/github", post(github))
+//!     .route_layer(
+//!         HttpIdempotencyLayer::github_webhook(store, std::env::var("GITHUB_WEBHOOK_SECRET")?)
+//!             .with_extractor(GitHubDispatchKey::new().with_filter(rules))
+//!             .with_namespace("github-dispatch:"),
+//!     );
+//! # let _ = app; Ok(()) }
+//! ```
 
 mod classify;
 mod extract;
