@@ -128,7 +128,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the Tokio runtime: {e}");
@@ -153,7 +157,9 @@ fn main() -> ExitCode {
 // ---------------------------------------------------------------- parent
 
 async fn answers(url: &str) -> bool {
-    let Ok(client) = redis::Client::open(url) else { return false };
+    let Ok(client) = redis::Client::open(url) else {
+        return false;
+    };
     let ping = async {
         let mut conn = client.get_multiplexed_async_connection().await?;
         redis::cmd("PING").query_async::<String>(&mut conn).await
@@ -168,7 +174,9 @@ async fn resolve_redis(flag: Option<String>) -> Result<(String, Option<redis_ser
         if answers(&url).await {
             return Ok((url, None));
         }
-        return Err(format!("Redis at {url} (from --redis or REDIS_URL) does not answer PING"));
+        return Err(format!(
+            "Redis at {url} (from --redis or REDIS_URL) does not answer PING"
+        ));
     }
     let default = "redis://127.0.0.1:6379".to_string();
     if answers(&default).await {
@@ -180,8 +188,13 @@ async fn resolve_redis(flag: Option<String>) -> Result<(String, Option<redis_ser
              or install it: sudo apt-get install redis-server (Debian/Ubuntu), brew install redis (macOS)"
         ));
     }
-    let server = tokio::task::spawn_blocking(redis_server::RedisServer::start).await.map_err(|e| e.to_string())?;
-    println!("no Redis at {default}; started a throwaway redis-server at {} (stopped at the end)", server.url());
+    let server = tokio::task::spawn_blocking(redis_server::RedisServer::start)
+        .await
+        .map_err(|e| e.to_string())?;
+    println!(
+        "no Redis at {default}; started a throwaway redis-server at {} (stopped at the end)",
+        server.url()
+    );
     Ok((server.url(), Some(server)))
 }
 
@@ -265,7 +278,10 @@ async fn parent(args: Args) -> ExitCode {
     };
     let total_duplicates = shared.router.duplicates + shared.worker.duplicates;
     let total_errors = shared.router.store_errors + shared.worker.store_errors;
-    print_tables("with IdempotencyLayer + RedisStore (one claim shared by both processes)", &shared);
+    print_tables(
+        "with IdempotencyLayer + RedisStore (one claim shared by both processes)",
+        &shared,
+    );
     let dispatched: usize = shared.per_key.values().sum();
     println!(
         "triggers={} dispatched={} duplicates={} store_errors={}",
@@ -292,14 +308,20 @@ async fn parent(args: Args) -> ExitCode {
     if exactly_once {
         ExitCode::SUCCESS
     } else {
-        eprintln!("FAILED: not every key was dispatched exactly once: {:?}", shared.per_key);
+        eprintln!(
+            "FAILED: not every key was dispatched exactly once: {:?}",
+            shared.per_key
+        );
         ExitCode::FAILURE
     }
 }
 
 fn print_tables(title: &str, o: &Outcome) {
     println!("\n{title}");
-    println!("  {:<24} {:>8} {:>10} {:>10} {:>12} {:>7}", "process", "triggers", "dispatched", "duplicates", "store_errors", "other");
+    println!(
+        "  {:<24} {:>8} {:>10} {:>10} {:>12} {:>7}",
+        "process", "triggers", "dispatched", "duplicates", "store_errors", "other"
+    );
     println!("{}", o.router.row("router (webhooks, HTTP)"));
     println!("{}", o.worker.row("worker (post-completion)"));
     let per_key: Vec<String> = o
@@ -315,7 +337,9 @@ fn print_tables(title: &str, o: &Outcome) {
 
 async fn cleanup(url: &str, run: &str) {
     let Ok(client) = redis::Client::open(url) else { return };
-    let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
     let pattern = format!("incident-replay:{run}-*");
     let keys: Vec<String> = match conn.scan_match::<_, String>(&pattern).await {
         Ok(iter) => {
@@ -332,7 +356,18 @@ async fn cleanup(url: &str, run: &str) {
 fn spawn_child(role: &str, url: &str, run: &str, store: StoreKind, expect: usize) -> std::io::Result<Child> {
     let exe = std::env::current_exe()?;
     Command::new(exe)
-        .args(["--role", role, "--redis", url, "--run", run, "--store", store.as_str(), "--expect", &expect.to_string()])
+        .args([
+            "--role",
+            role,
+            "--redis",
+            url,
+            "--run",
+            run,
+            "--store",
+            store.as_str(),
+            "--expect",
+            &expect.to_string(),
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -368,7 +403,11 @@ async fn scenario(url: &str, run: &str, store: StoreKind, args: &Args) -> Result
     let mut router_out = BufReader::new(router.stdout.take().ok_or("router stdout")?);
     let mut line = String::new();
     router_out.read_line(&mut line)?;
-    let addr = line.trim().strip_prefix("LISTENING ").ok_or_else(|| format!("router said {line:?}"))?.to_string();
+    let addr = line
+        .trim()
+        .strip_prefix("LISTENING ")
+        .ok_or_else(|| format!("router said {line:?}"))?
+        .to_string();
     let mut worker_out = BufReader::new(worker.stdout.take().ok_or("worker stdout")?);
     line.clear();
     worker_out.read_line(&mut line)?;
@@ -386,8 +425,18 @@ async fn scenario(url: &str, run: &str, store: StoreKind, args: &Args) -> Result
             let (addr, sha) = (addr.clone(), sha.clone());
             tasks.push(tokio::spawn(async move {
                 tokio::time::sleep(jitter(40)).await;
-                let (event, body) = if t % 2 == 0 { check_suite(pr, &sha) } else { review_requested(pr, &sha) };
-                post_webhook(&addr, event, &format!("{run_id}-{round}-{t}", run_id = std::process::id()), &body).await
+                let (event, body) = if t % 2 == 0 {
+                    check_suite(pr, &sha)
+                } else {
+                    review_requested(pr, &sha)
+                };
+                post_webhook(
+                    &addr,
+                    event,
+                    &format!("{run_id}-{round}-{t}", run_id = std::process::id()),
+                    &body,
+                )
+                .await
             }));
         }
         for t in 0..per_round_worker {
@@ -395,8 +444,17 @@ async fn scenario(url: &str, run: &str, store: StoreKind, args: &Args) -> Result
             let (jobs, sha) = (n.jobs.clone(), sha.clone());
             tasks.push(tokio::spawn(async move {
                 tokio::time::sleep(jitter(40)).await;
-                let fields = [("project", PROJECT.to_string()), ("pr", pr.to_string()), ("sha", sha), ("event", "implementation_finished".into()), ("delivery", format!("job-{round}-{t}"))];
-                conn.xadd::<_, _, _, _, String>(&jobs, "*", &fields).await.map(|_| 0).map_err(|e| e.to_string())
+                let fields = [
+                    ("project", PROJECT.to_string()),
+                    ("pr", pr.to_string()),
+                    ("sha", sha),
+                    ("event", "implementation_finished".into()),
+                    ("delivery", format!("job-{round}-{t}")),
+                ];
+                conn.xadd::<_, _, _, _, String>(&jobs, "*", &fields)
+                    .await
+                    .map(|_| 0)
+                    .map_err(|e| e.to_string())
             }));
         }
     }
@@ -438,10 +496,20 @@ async fn scenario(url: &str, run: &str, store: StoreKind, args: &Args) -> Result
     let entries: redis::streams::StreamRangeReply = conn.xrange_all(&n.reviews).await?;
     let mut per_key = BTreeMap::new();
     for e in entries.ids {
-        let key = format!("{}:{}:{}", e.get::<String>("project").unwrap_or_default(), e.get::<String>("pr").unwrap_or_default(), e.get::<String>("sha").unwrap_or_default());
+        let key = format!(
+            "{}:{}:{}",
+            e.get::<String>("project").unwrap_or_default(),
+            e.get::<String>("pr").unwrap_or_default(),
+            e.get::<String>("sha").unwrap_or_default()
+        );
         *per_key.entry(key).or_insert(0) += 1;
     }
-    Ok(Outcome { router: router_tally, worker: worker_tally, per_key, triggers: args.triggers * args.rounds })
+    Ok(Outcome {
+        router: router_tally,
+        worker: worker_tally,
+        per_key,
+        triggers: args.triggers * args.rounds,
+    })
 }
 
 fn check_suite(pr: u64, sha: &str) -> (&'static str, String) {
@@ -468,7 +536,9 @@ fn review_requested(pr: u64, sha: &str) -> (&'static str, String) {
 
 /// A minimal HTTP/1.1 POST; returns the status code.
 async fn post_webhook(addr: &str, event: &str, delivery: &str, body: &str) -> Result<u16, String> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
     let request = format!(
         "POST /webhooks/github HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\nx-github-event: {event}\r\n\
          x-github-delivery: {delivery}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -478,7 +548,10 @@ async fn post_webhook(addr: &str, event: &str, delivery: &str, body: &str) -> Re
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.map_err(|e| e.to_string())?;
     let head = String::from_utf8_lossy(&response);
-    head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| format!("bad response: {head}"))
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad response: {head}"))
 }
 
 // ---------------------------------------------------------------- router process
@@ -510,10 +583,18 @@ async fn worker(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let url = args.redis.ok_or("--redis")?;
     let n = names(&args.run);
     let conn = redis::Client::open(url.as_str())?.get_connection_manager().await?;
-    let dispatch = DispatchReview { conn, stream: n.reviews.clone(), capacity: None };
+    let dispatch = DispatchReview {
+        conn,
+        stream: n.reviews.clone(),
+        capacity: None,
+    };
     // The layer erases the store's type, so both variants are the same service type.
     let svc = match args.store {
-        StoreKind::Redis => review_service(tower_idempotency::RedisStore::connect(url.as_str()).await?, &n.namespace, dispatch),
+        StoreKind::Redis => review_service(
+            tower_idempotency::RedisStore::connect(url.as_str()).await?,
+            &n.namespace,
+            dispatch,
+        ),
         StoreKind::Memory => review_service(tower_idempotency::MemoryStore::new(), &n.namespace, dispatch),
     };
     let mut consumer = StreamConsumer::new(&url, &n.jobs, "workers", "worker-1", Duration::from_millis(300)).await?;

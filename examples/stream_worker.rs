@@ -85,11 +85,21 @@ async fn main() {
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let store = RedisStore::connect(args.redis.as_str()).await?;
-    let conn = redis::Client::open(args.redis.as_str())?.get_connection_manager().await?;
-    let dispatch = DispatchReview { conn, stream: args.reviews.clone(), capacity: args.capacity };
+    let conn = redis::Client::open(args.redis.as_str())?
+        .get_connection_manager()
+        .await?;
+    let dispatch = DispatchReview {
+        conn,
+        stream: args.reviews.clone(),
+        capacity: args.capacity,
+    };
     let mut svc = review_service(store, &args.namespace, dispatch);
-    let mut consumer = StreamConsumer::new(&args.redis, &args.stream, &args.group, &args.consumer, args.min_idle).await?;
-    println!("worker {} consuming {} (group {}), dispatching to {}", args.consumer, args.stream, args.group, args.reviews);
+    let mut consumer =
+        StreamConsumer::new(&args.redis, &args.stream, &args.group, &args.consumer, args.min_idle).await?;
+    println!(
+        "worker {} consuming {} (group {}), dispatching to {}",
+        args.consumer, args.stream, args.group, args.reviews
+    );
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return Ok(()),

@@ -486,7 +486,10 @@ mod tests {
 
     #[test]
     fn chain_renders_sources_once() {
-        let e = E("outer", Some(Box::new(E("middle: inner", Some(Box::new(E("inner", None)))))));
+        let e = E(
+            "outer",
+            Some(Box::new(E("middle: inner", Some(Box::new(E("inner", None)))))),
+        );
         assert_eq!(Chain(&e).to_string(), "outer: middle: inner");
         let plain = E("a", Some(Box::new(E("b", None))));
         assert_eq!(Chain(&plain).to_string(), "a: b");

@@ -200,7 +200,10 @@ mod tests {
         );
         assert!(IdempotencyKey::new("ünïcode/ok:1").is_ok());
         for invisible in ['\u{2028}', '\u{202E}', '\u{200B}', '\u{2066}', '\u{FEFF}'] {
-            assert_eq!(IdempotencyKey::new(format!("a{invisible}")), Err(KeyError::ControlCharacter { index: 1 }));
+            assert_eq!(
+                IdempotencyKey::new(format!("a{invisible}")),
+                Err(KeyError::ControlCharacter { index: 1 })
+            );
         }
     }
 

@@ -19,14 +19,21 @@ const KEYS: usize = 100;
 const COPIES_PER_CHILD: usize = 3; // each child fires every key this many times, concurrently
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     if let Ok(url) = std::env::var("RACE_CHILD_URL") {
         rt.block_on(child(url));
         return;
     }
     let started = Instant::now();
     rt.block_on(duplicate_is_short_circuited_across_processes());
-    println!("test duplicate_is_short_circuited_across_processes ... ok ({:?})", started.elapsed());
+    println!(
+        "test duplicate_is_short_circuited_across_processes ... ok ({:?})",
+        started.elapsed()
+    );
     println!("cross_process: 1 passed, 0 failed");
 }
 
@@ -48,21 +55,33 @@ async fn duplicate_is_short_circuited_across_processes() {
     // Start the race only when every child is connected and waiting.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let ready: Option<usize> = redis::cmd("GET").arg("race:ready").query_async(&mut conn).await.unwrap();
+        let ready: Option<usize> = redis::cmd("GET")
+            .arg("race:ready")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
         if ready == Some(CHILDREN) {
             break;
         }
         assert!(Instant::now() < deadline, "children did not get ready: {ready:?}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let _: () = redis::cmd("SET").arg("race:go").arg(1).query_async(&mut conn).await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("race:go")
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
 
     let (mut dispatched, mut duplicates) = (0, 0);
     for child in children {
         let out = child.wait_with_output().expect("child output");
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "child failed: {}\n{stdout}", out.status);
-        let line = stdout.lines().find(|l| l.starts_with("RACE_RESULT")).expect("child printed no RACE_RESULT");
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("RACE_RESULT"))
+            .expect("child printed no RACE_RESULT");
         let field = |name: &str| -> usize {
             line.split_whitespace()
                 .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
@@ -77,7 +96,11 @@ async fn duplicate_is_short_circuited_across_processes() {
     assert_eq!(duplicates, KEYS * (CHILDREN * COPIES_PER_CHILD - 1));
     // Independent evidence, written by the inner service itself: one INCR per dispatch.
     for k in 0..KEYS {
-        let n: Option<usize> = redis::cmd("GET").arg(format!("dispatches:job-{k}")).query_async(&mut conn).await.unwrap();
+        let n: Option<usize> = redis::cmd("GET")
+            .arg(format!("dispatches:job-{k}"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
         assert_eq!(n, Some(1), "job-{k} dispatched {n:?} times");
     }
 }
@@ -86,16 +109,31 @@ async fn child(url: String) {
     let store = RedisStore::connect(url.as_str()).await.expect("child: connect");
     let mut conn = store.connection();
     let counter = store.connection();
-    let layer = IdempotencyLayer::new(store, |k: &String| -> Result<_, KeyError> { IdempotencyKey::new(k).map(Some) })
-        .with_namespace("race:claim:");
+    let layer = IdempotencyLayer::new(store, |k: &String| -> Result<_, KeyError> {
+        IdempotencyKey::new(k).map(Some)
+    })
+    .with_namespace("race:claim:");
     let svc = tower::ServiceBuilder::new().layer(layer).service_fn(move |k: String| {
         let mut counter = counter.clone();
-        async move { redis::cmd("INCR").arg(format!("dispatches:{k}")).query_async::<i64>(&mut counter).await }
+        async move {
+            redis::cmd("INCR")
+                .arg(format!("dispatches:{k}"))
+                .query_async::<i64>(&mut counter)
+                .await
+        }
     });
 
-    let _: i64 = redis::cmd("INCR").arg("race:ready").query_async(&mut conn).await.expect("child: ready");
+    let _: i64 = redis::cmd("INCR")
+        .arg("race:ready")
+        .query_async(&mut conn)
+        .await
+        .expect("child: ready");
     loop {
-        let go: Option<i64> = redis::cmd("GET").arg("race:go").query_async(&mut conn).await.expect("child: go");
+        let go: Option<i64> = redis::cmd("GET")
+            .arg("race:go")
+            .query_async(&mut conn)
+            .await
+            .expect("child: go");
         if go.is_some() {
             break;
         }
@@ -122,5 +160,8 @@ async fn child(url: String) {
             }
         }
     }
-    println!("RACE_RESULT pid={} dispatched={dispatched} duplicates={duplicates} errors={errors}", std::process::id());
+    println!(
+        "RACE_RESULT pid={} dispatched={dispatched} duplicates={duplicates} errors={errors}",
+        std::process::id()
+    );
 }

@@ -22,7 +22,10 @@ async fn claims_keep_working_after_redis_url_is_removed_from_env() {
     unsafe { std::env::remove_var("REDIS_URL") };
 
     let ttl = Duration::from_secs(60);
-    assert_eq!(store.claim("a", &ClaimToken::generate(), ttl).await.unwrap(), ClaimOutcome::Acquired);
+    assert_eq!(
+        store.claim("a", &ClaimToken::generate(), ttl).await.unwrap(),
+        ClaimOutcome::Acquired
+    );
 
     // Force a reconnect: the connection must be rebuilt from the captured configuration.
     server.restart();

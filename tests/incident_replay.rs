@@ -12,7 +12,12 @@ use common::RedisServer;
 fn example_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     // target/<profile>/deps/<test> -> target/<profile>/examples/incident_replay
-    let bin = exe.parent().and_then(|deps| deps.parent()).expect("target dir").join("examples").join("incident_replay");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .join("examples")
+        .join("incident_replay");
     assert!(
         bin.exists(),
         "{} is missing: `cargo test --all-features` builds the examples; run `cargo build --examples --all-features` first",
@@ -32,14 +37,25 @@ fn incident_replay_dispatches_each_key_exactly_once() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "exit {:?}\n{stdout}\n{stderr}", out.status);
-    let summary = stdout.lines().find(|l| l.starts_with("triggers=")).expect("summary line");
+    let summary = stdout
+        .lines()
+        .find(|l| l.starts_with("triggers="))
+        .expect("summary line");
     assert!(summary.starts_with("triggers=24 dispatched=4 "), "{summary}");
     assert!(summary.ends_with("store_errors=0"), "{summary}");
     // The comparison with per-process maps ran and dispatched more than once per key.
-    let memory = stdout.lines().find(|l| l.starts_with("in-memory map:")).expect("comparison line");
+    let memory = stdout
+        .lines()
+        .find(|l| l.starts_with("in-memory map:"))
+        .expect("comparison line");
     assert!(memory.contains("dispatched=8 for 4 keys"), "{memory}");
     // It cleaned up after itself: nothing of the replay is left in Redis.
-    assert_eq!(server.cli(&["DBSIZE"]), "0", "keys left behind: {}", server.cli(&["KEYS", "*"]));
+    assert_eq!(
+        server.cli(&["DBSIZE"]),
+        "0",
+        "keys left behind: {}",
+        server.cli(&["KEYS", "*"])
+    );
 }
 
 #[test]

@@ -16,7 +16,13 @@ const JOBS: &str = "jobs";
 const REVIEWS: &str = "reviews";
 
 fn job(sha: &str) -> ReviewJob {
-    ReviewJob { project: "octo/repo".into(), pr: 7, sha: sha.into(), event: "test".into(), delivery: "d".into() }
+    ReviewJob {
+        project: "octo/repo".into(),
+        pr: 7,
+        sha: sha.into(),
+        event: "test".into(),
+        delivery: "d".into(),
+    }
 }
 
 struct Rig {
@@ -28,7 +34,9 @@ struct Rig {
 impl Rig {
     async fn new(min_idle: Duration) -> Self {
         let server = RedisServer::start();
-        let consumer = StreamConsumer::new(&server.url(), JOBS, "workers", "w1", min_idle).await.unwrap();
+        let consumer = StreamConsumer::new(&server.url(), JOBS, "workers", "w1", min_idle)
+            .await
+            .unwrap();
         let conn = common::raw_conn(&server).await;
         Self { server, consumer, conn }
     }
@@ -43,9 +51,24 @@ impl Rig {
 
     /// The layered service: claims in `store_url`, dispatches to the REVIEWS stream of this rig.
     async fn service(&self, store_url: &str, capacity: Option<usize>) -> ReviewService {
-        let store = RedisStore::builder(store_url).timeout(Duration::from_millis(200)).connect_lazy().unwrap();
-        let conn = redis::Client::open(self.server.url()).unwrap().get_connection_manager().await.unwrap();
-        review_service(store, "dispatch:", DispatchReview { conn, stream: REVIEWS.into(), capacity })
+        let store = RedisStore::builder(store_url)
+            .timeout(Duration::from_millis(200))
+            .connect_lazy()
+            .unwrap();
+        let conn = redis::Client::open(self.server.url())
+            .unwrap()
+            .get_connection_manager()
+            .await
+            .unwrap();
+        review_service(
+            store,
+            "dispatch:",
+            DispatchReview {
+                conn,
+                stream: REVIEWS.into(),
+                capacity,
+            },
+        )
     }
 }
 
@@ -56,7 +79,9 @@ async fn dispatched_message_is_acked() {
     rig.push(&job("aaaaaaa")).await;
     let batch = rig.consumer.next_batch().await.unwrap();
     assert_eq!(batch.len(), 1);
-    let (result, disposition) = handle_message(&mut rig.consumer, &mut svc, &batch[0], Settle::Release).await.unwrap();
+    let (result, disposition) = handle_message(&mut rig.consumer, &mut svc, &batch[0], Settle::Release)
+        .await
+        .unwrap();
     assert!(matches!(result, Some(Ok(Dispatch::Dispatched(_)))));
     assert_eq!(disposition, Disposition::Ack);
     assert_eq!(rig.consumer.pending().await.unwrap(), 0);
@@ -71,8 +96,12 @@ async fn duplicate_message_is_acked_and_skipped() {
     rig.push(&job("bbbbbbb")).await;
     let batch = rig.consumer.next_batch().await.unwrap();
     assert_eq!(batch.len(), 2);
-    handle_message(&mut rig.consumer, &mut svc, &batch[0], Settle::Release).await.unwrap();
-    let (result, disposition) = handle_message(&mut rig.consumer, &mut svc, &batch[1], Settle::Release).await.unwrap();
+    handle_message(&mut rig.consumer, &mut svc, &batch[0], Settle::Release)
+        .await
+        .unwrap();
+    let (result, disposition) = handle_message(&mut rig.consumer, &mut svc, &batch[1], Settle::Release)
+        .await
+        .unwrap();
     assert!(matches!(result, Some(Err(ref e)) if e.is_duplicate()));
     assert_eq!(disposition, Disposition::Ack);
     assert_eq!(rig.consumer.pending().await.unwrap(), 0);
@@ -87,7 +116,9 @@ async fn blocked_message_releases_claim_and_stays_pending_then_is_reclaimed() {
     let mut svc = rig.service(&rig.server.url(), Some(1)).await;
     rig.push(&job("ccccccc")).await;
     let batch = rig.consumer.next_batch().await.unwrap();
-    let (result, disposition) = handle_message(&mut rig.consumer, &mut svc, &batch[0], Settle::Release).await.unwrap();
+    let (result, disposition) = handle_message(&mut rig.consumer, &mut svc, &batch[0], Settle::Release)
+        .await
+        .unwrap();
     assert!(matches!(result, Some(Ok(Dispatch::Blocked))));
     assert_eq!(disposition, Disposition::Retry);
     assert_eq!(rig.consumer.pending().await.unwrap(), 1, "left pending");
@@ -99,7 +130,9 @@ async fn blocked_message_releases_claim_and_stays_pending_then_is_reclaimed() {
     tokio::time::sleep(Duration::from_millis(350)).await;
     let batch = rig.consumer.next_batch().await.unwrap();
     assert_eq!(batch.len(), 1, "reclaimed with XAUTOCLAIM");
-    let (result, disposition) = handle_message(&mut rig.consumer, &mut svc, &batch[0], Settle::Release).await.unwrap();
+    let (result, disposition) = handle_message(&mut rig.consumer, &mut svc, &batch[0], Settle::Release)
+        .await
+        .unwrap();
     assert!(matches!(result, Some(Ok(Dispatch::Dispatched(_)))), "{result:?}");
     assert_eq!(disposition, Disposition::Ack);
     assert_eq!(rig.consumer.pending().await.unwrap(), 0);
@@ -114,8 +147,13 @@ async fn store_unavailable_fails_closed_and_leaves_message_pending() {
     claims.kill();
     rig.push(&job("ddddddd")).await;
     let batch = rig.consumer.next_batch().await.unwrap();
-    let (result, disposition) = handle_message(&mut rig.consumer, &mut svc, &batch[0], Settle::Release).await.unwrap();
-    assert!(matches!(result, Some(Err(ref e)) if e.is_store_unavailable()), "{result:?}");
+    let (result, disposition) = handle_message(&mut rig.consumer, &mut svc, &batch[0], Settle::Release)
+        .await
+        .unwrap();
+    assert!(
+        matches!(result, Some(Err(ref e)) if e.is_store_unavailable()),
+        "{result:?}"
+    );
     assert_eq!(disposition, Disposition::Retry);
     assert_eq!(rig.reviews().await, 0, "nothing dispatched");
     assert_eq!(rig.consumer.pending().await.unwrap(), 1, "nothing lost");
@@ -127,7 +165,9 @@ async fn store_unavailable_fails_closed_and_leaves_message_pending() {
     assert_eq!(batch.len(), 1);
     let mut outcome = None;
     for _ in 0..20 {
-        let (result, disposition) = handle_message(&mut rig.consumer, &mut svc, &batch[0], Settle::Release).await.unwrap();
+        let (result, disposition) = handle_message(&mut rig.consumer, &mut svc, &batch[0], Settle::Release)
+            .await
+            .unwrap();
         if disposition == Disposition::Ack {
             outcome = result;
             break;
@@ -146,8 +186,13 @@ async fn inner_error_follows_the_classifier() {
     let mut svc = rig.service(&rig.server.url(), None).await;
     rig.push(&job("eeeeeee")).await;
     let batch = rig.consumer.next_batch().await.unwrap();
-    let (result, disposition) = handle_message(&mut rig.consumer, &mut svc, &batch[0], Settle::Release).await.unwrap();
-    assert!(matches!(result, Some(Err(tower_idempotency::IdempotencyError::Inner(_)))), "{result:?}");
+    let (result, disposition) = handle_message(&mut rig.consumer, &mut svc, &batch[0], Settle::Release)
+        .await
+        .unwrap();
+    assert!(
+        matches!(result, Some(Err(tower_idempotency::IdempotencyError::Inner(_)))),
+        "{result:?}"
+    );
     assert_eq!(disposition, Disposition::Retry, "classifier releases on error: retry");
     let claimed: bool = rig.conn.exists("dispatch:octo/repo:7:eeeeeee").await.unwrap();
     assert!(!claimed);
@@ -157,8 +202,9 @@ async fn inner_error_follows_the_classifier() {
 }
 
 fn disposition_for_kept_error() -> Disposition {
-    let result: Result<Dispatch, tower_idempotency::IdempotencyError<std::io::Error>> =
-        Err(tower_idempotency::IdempotencyError::Inner(std::io::Error::other("boom")));
+    let result: Result<Dispatch, tower_idempotency::IdempotencyError<std::io::Error>> = Err(
+        tower_idempotency::IdempotencyError::Inner(std::io::Error::other("boom")),
+    );
     disposition(&result, Settle::Keep)
 }
 
@@ -166,14 +212,33 @@ fn disposition_for_kept_error() -> Disposition {
 async fn malformed_message_is_acked_and_never_dispatched() {
     let mut rig = Rig::new(Duration::from_secs(60)).await;
     let mut svc = rig.service(&rig.server.url(), None).await;
-    let _: String = rig.conn.xadd(JOBS, "*", &[("project", "octo/repo"), ("pr", "-3"), ("sha", "abcdef1")]).await.unwrap();
-    let _: String = rig.conn.xadd(JOBS, "*", &[("project", "octo/repo"), ("pr", "3"), ("sha", "not-a-sha")]).await.unwrap();
+    let _: String = rig
+        .conn
+        .xadd(JOBS, "*", &[("project", "octo/repo"), ("pr", "-3"), ("sha", "abcdef1")])
+        .await
+        .unwrap();
+    let _: String = rig
+        .conn
+        .xadd(
+            JOBS,
+            "*",
+            &[("project", "octo/repo"), ("pr", "3"), ("sha", "not-a-sha")],
+        )
+        .await
+        .unwrap();
     let batch = rig.consumer.next_batch().await.unwrap();
     assert_eq!(batch.len(), 2);
-    let (r1, d1) = handle_message(&mut rig.consumer, &mut svc, &batch[0], Settle::Release).await.unwrap();
+    let (r1, d1) = handle_message(&mut rig.consumer, &mut svc, &batch[0], Settle::Release)
+        .await
+        .unwrap();
     assert!(r1.is_none(), "negative PR: malformed");
-    let (r2, d2) = handle_message(&mut rig.consumer, &mut svc, &batch[1], Settle::Release).await.unwrap();
-    assert!(matches!(r2, Some(Err(tower_idempotency::IdempotencyError::InvalidKey { .. }))), "{r2:?}");
+    let (r2, d2) = handle_message(&mut rig.consumer, &mut svc, &batch[1], Settle::Release)
+        .await
+        .unwrap();
+    assert!(
+        matches!(r2, Some(Err(tower_idempotency::IdempotencyError::InvalidKey { .. }))),
+        "{r2:?}"
+    );
     assert_eq!((d1, d2), (Disposition::Ack, Disposition::Ack));
     assert_eq!(rig.reviews().await, 0);
     assert_eq!(rig.consumer.pending().await.unwrap(), 0);
