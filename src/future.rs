@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use pin_project::{pin_project, pinned_drop};
 use tokio::time::{Instant, Sleep};
-use tower_service::Service;
+use tower::Service;
 use tracing::Span;
 
 use crate::IdempotencyKey;

@@ -4,7 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tower_layer::Layer;
+use tower::Layer;
 
 use crate::classify::DefaultClassifier;
 use crate::report::{DEFAULT_REPORT_INTERVAL, DEFAULT_SENTRY_TAG, Reporter};

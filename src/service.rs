@@ -4,7 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tower_service::Service;
+use tower::Service;
 
 use crate::classify::{ClassifyOutcome, DefaultClassifier};
 use crate::error::IdempotencyError;

@@ -14,7 +14,7 @@ use http_body::Body;
 use http_body_util::combinators::Collect;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use pin_project::pin_project;
-use tower_service::Service;
+use tower::Service;
 
 use super::extract::ExtractError;
 use super::service::{ClaimFromExtensions, Front, PendingClaim};

@@ -5,7 +5,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tower_layer::Layer;
+use tower::Layer;
 
 use super::classify::HttpClassifier;
 use super::response::JsonResponses;

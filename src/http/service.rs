@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
-use tower_service::Service;
+use tower::Service;
 
 use super::classify::HttpClassifier;
 use super::future::ResponseFuture;
