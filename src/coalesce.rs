@@ -18,7 +18,21 @@ type Answer = Option<Result<ClaimOutcome, StoreError>>;
 
 #[derive(Debug, Default)]
 pub(crate) struct Coalescer {
-    inflight: Mutex<HashMap<Arc<str>, watch::Receiver<Answer>>>,
+    inflight: Mutex<Inflight>,
+}
+
+#[derive(Debug, Default)]
+struct Inflight {
+    map: HashMap<Arc<str>, Entry>,
+    next_id: u64,
+}
+
+/// One leader's claim in flight. The channel is made only when a first follower arrives, so a
+/// key nobody else asks for costs a map insert and remove, not a channel.
+#[derive(Debug)]
+struct Entry {
+    leader: u64,
+    tx: Option<watch::Sender<Answer>>,
 }
 
 pub(crate) enum Role {
@@ -30,27 +44,33 @@ pub(crate) enum Role {
 pub(crate) struct LeaderGuard {
     coalescer: Arc<Coalescer>,
     key: Arc<str>,
-    tx: watch::Sender<Answer>,
+    id: u64,
 }
 
 impl Coalescer {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inflight> {
+        self.inflight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub(crate) fn join(self: &Arc<Self>, key: &Arc<str>) -> Role {
-        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(rx) = inflight.get(key) {
-            return Role::Follower(rx.clone());
+        let mut inflight = self.lock();
+        if let Some(entry) = inflight.map.get_mut(key) {
+            let tx = entry.tx.get_or_insert_with(|| watch::channel(None).0);
+            return Role::Follower(tx.subscribe());
         }
-        let (tx, rx) = watch::channel(None);
-        inflight.insert(key.clone(), rx);
+        inflight.next_id = inflight.next_id.wrapping_add(1);
+        let id = inflight.next_id;
+        inflight.map.insert(key.clone(), Entry { leader: id, tx: None });
         Role::Leader(LeaderGuard {
             coalescer: self.clone(),
             key: key.clone(),
-            tx,
+            id,
         })
     }
 
     #[cfg(test)]
     pub(crate) fn inflight(&self) -> usize {
-        self.inflight.lock().map(|m| m.len()).unwrap_or(0)
+        self.lock().map.len()
     }
 }
 
@@ -58,24 +78,25 @@ impl LeaderGuard {
     pub(crate) fn publish(self, answer: &Result<ClaimOutcome, StoreError>) {
         // Remove first so a caller arriving after this point goes to the store (and finds our
         // claim there) instead of reading a stale answer.
-        self.remove();
-        self.tx.send_replace(Some(answer.clone()));
+        if let Some(tx) = self.remove() {
+            tx.send_replace(Some(answer.clone()));
+        }
     }
 
-    fn remove(&self) {
-        let mut inflight = self.coalescer.inflight.lock().unwrap_or_else(|p| p.into_inner());
-        if inflight
-            .get(&self.key)
-            .is_some_and(|rx| rx.same_channel(&self.tx.subscribe()))
-        {
-            inflight.remove(&self.key);
+    /// Removes our entry; returns the followers' channel, if any followed.
+    fn remove(&self) -> Option<watch::Sender<Answer>> {
+        let mut inflight = self.coalescer.lock();
+        match inflight.map.get(&self.key) {
+            Some(entry) if entry.leader == self.id => inflight.map.remove(&self.key).and_then(|e| e.tx),
+            _ => None,
         }
     }
 }
 
 impl Drop for LeaderGuard {
     fn drop(&mut self) {
-        self.remove();
+        // Dropping the sender (after the lock is released) tells followers no answer is coming.
+        drop(self.remove());
     }
 }
 
