@@ -290,6 +290,11 @@ impl Stats {
         }
     }
 
+    /// CPU time this process (client, runtime, connection driver) spent per operation.
+    fn cpu_us_per_op(&self) -> f64 {
+        self.cpu.bench * 1e6 / self.ops() as f64
+    }
+
     fn quantile_us(&self, q: f64) -> f64 {
         self.hist.value_at_quantile(q) as f64 / 1000.0
     }
@@ -674,6 +679,8 @@ enum MemArm {
     LayerDuplicate,
     /// The layer over `GrantAll`: the layer's machinery alone.
     LayerGrantAll,
+    /// The same with coalescing on (every key unique: the coalescer's cost with no follower).
+    LayerGrantAllCoalescing,
     /// `MemoryStore::claim` alone (with a fresh `ClaimToken`), no layer.
     StoreUnique,
 }
@@ -694,6 +701,7 @@ fn memory_overhead(secs: f64) {
             MemArm::LayerUnique,
             MemArm::LayerDuplicate,
             MemArm::LayerGrantAll,
+            MemArm::LayerGrantAllCoalescing,
             MemArm::StoreUnique,
         ];
         let layer = |store| {
@@ -711,6 +719,10 @@ fn memory_overhead(secs: f64) {
             &IdempotencyLayer::new(GrantAll, key_of as fn(&String) -> _),
             tower::service_fn(trivial as fn(String) -> _),
         );
+        let mut layer_grant_all_coalescing = tower::Layer::layer(
+            &IdempotencyLayer::new(GrantAll, key_of as fn(&String) -> _).with_coalescing(true),
+            tower::service_fn(trivial as fn(String) -> _),
+        );
         let store = std::sync::Arc::new(MemoryStore::new());
         let mut store_only = tower::service_fn(move |key: String| {
             let store = store.clone();
@@ -719,7 +731,7 @@ fn memory_overhead(secs: f64) {
                 Ok::<(), Infallible>(())
             }
         });
-        let mut best = [f64::INFINITY; 5];
+        let mut best = [f64::INFINITY; 6];
         let mut run = 0;
         for _round in 0..3 {
             for (arm, slot) in arms.iter().zip(best.iter_mut()) {
@@ -729,17 +741,21 @@ fn memory_overhead(secs: f64) {
                     MemArm::LayerUnique => time_calls(&mut layer_unique, per_arm, run, false).await,
                     MemArm::LayerDuplicate => time_calls(&mut layer_dup, per_arm, run, true).await,
                     MemArm::LayerGrantAll => time_calls(&mut layer_grant_all, per_arm, run, false).await,
+                    MemArm::LayerGrantAllCoalescing => {
+                        time_calls(&mut layer_grant_all_coalescing, per_arm, run, false).await
+                    }
                     MemArm::StoreUnique => time_calls(&mut store_only, per_arm, run, false).await,
                 };
                 *slot = slot.min(ns);
             }
         }
-        let [bare, unique, dup, grant_all, store] = best;
+        let [bare, unique, dup, grant_all, grant_all_coalescing, store] = best;
         println!(
-            "MEMORY bare_ns={bare:.0} layer_unique_ns={unique:.0} layer_dup_ns={dup:.0} layer_grant_all_ns={grant_all:.0} memory_store_claim_ns={store:.0} overhead_unique_ns={:.0} overhead_dup_ns={:.0} overhead_machinery_ns={:.0}",
+            "MEMORY bare_ns={bare:.0} layer_unique_ns={unique:.0} layer_dup_ns={dup:.0} layer_grant_all_ns={grant_all:.0} layer_grant_all_coalescing_ns={grant_all_coalescing:.0} memory_store_claim_ns={store:.0} overhead_unique_ns={:.0} overhead_dup_ns={:.0} overhead_machinery_ns={:.0} overhead_machinery_coalescing_ns={:.0}",
             unique - bare,
             dup - bare,
             grant_all - bare,
+            grant_all_coalescing - bare,
         );
         println!(
             "TARGET memory_overhead_unique < 1000 ns: {:.0} ns {}",
@@ -955,7 +971,7 @@ fn main() {
 fn print_run(c: usize, pattern: Pattern, name: &str, s: &Stats) {
     let (redis, bench, other) = s.cpu.cores();
     println!(
-        "run c={c} keys={} impl={name} secs={:.2} ops={} ok={} dup={} err={} ops_per_s={:.0} p50_us={:.1} p99_us={:.1} p999_us={:.1} cpu_redis={redis:.2} cpu_bench={bench:.2} cpu_other={other:.2}",
+        "run c={c} keys={} impl={name} secs={:.2} ops={} ok={} dup={} err={} ops_per_s={:.0} p50_us={:.1} p99_us={:.1} p999_us={:.1} cpu_redis={redis:.2} cpu_bench={bench:.2} cpu_other={other:.2} bench_cpu_us_per_op={:.2} redis_cpu_us_per_op={:.2}",
         pattern.name(),
         s.secs,
         s.ops(),
@@ -966,6 +982,8 @@ fn print_run(c: usize, pattern: Pattern, name: &str, s: &Stats) {
         s.quantile_us(0.5),
         s.quantile_us(0.99),
         s.quantile_us(0.999),
+        s.cpu_us_per_op(),
+        s.cpu.redis * 1e6 / s.ops() as f64,
     );
 }
 
@@ -995,7 +1013,7 @@ fn print_result(row: &Row) {
         None => "ioredis=skipped".to_string(),
     };
     println!(
-        "EXTRA c={} keys={} store/raw={:.3} layer_nc={:.0} layer_nc/raw={:.3} p99_store_us={:.1} p99_layer_nc_us={:.1} {io}",
+        "EXTRA c={} keys={} store/raw={:.3} layer_nc={:.0} layer_nc/raw={:.3} p99_store_us={:.1} p99_layer_nc_us={:.1} cpu_us_per_op_raw={:.2} cpu_us_per_op_store={:.2} cpu_us_per_op_layer={:.2} cpu_us_per_op_layer_nc={:.2} {io}",
         row.c,
         row.pattern.name(),
         store.ops_per_s() / raw.ops_per_s(),
@@ -1003,15 +1021,19 @@ fn print_result(row: &Row) {
         layer_nc.ops_per_s() / raw.ops_per_s(),
         store.quantile_us(0.99),
         layer_nc.quantile_us(0.99),
+        raw.cpu_us_per_op(),
+        store.cpu_us_per_op(),
+        layer.cpu_us_per_op(),
+        layer_nc.cpu_us_per_op(),
     );
 }
 
 fn print_summary(rows: &[Row]) {
     println!();
     println!(
-        "| c | keys | raw ops/s | store ops/s | layer ops/s | layer (no coalescing) ops/s | ioredis ops/s | store/raw | layer/raw | layer_nc/raw | layer/ioredis | p50 raw/store/layer µs | p99 raw/store/layer/layer_nc/ioredis µs | p999 raw/layer µs |"
+        "| c | keys | raw ops/s | store ops/s | layer ops/s | layer (no coalescing) ops/s | ioredis ops/s | store/raw | layer/raw | layer_nc/raw | layer/ioredis | p50 raw/store/layer µs | p99 raw/store/layer/layer_nc/ioredis µs | p999 raw/layer µs | client CPU µs/op raw/store/layer/layer_nc |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for row in rows {
         let (raw, store, layer, nc) = (
             row.get(Impl::Raw),
@@ -1028,7 +1050,7 @@ fn print_summary(rows: &[Row]) {
             None => ("skipped".into(), "–".into(), "–".into()),
         };
         println!(
-            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {io_ops} | {:.2} | {:.2} | {:.2} | {io_ratio} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} / {:.0} / {:.0} / {io_p99} | {:.0} / {:.0} |",
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {io_ops} | {:.2} | {:.2} | {:.2} | {io_ratio} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} / {:.0} / {:.0} / {io_p99} | {:.0} / {:.0} | {:.1} / {:.1} / {:.1} / {:.1} |",
             row.c,
             row.pattern.name(),
             raw.ops_per_s(),
@@ -1047,6 +1069,10 @@ fn print_summary(rows: &[Row]) {
             nc.quantile_us(0.99),
             raw.quantile_us(0.999),
             layer.quantile_us(0.999),
+            raw.cpu_us_per_op(),
+            store.cpu_us_per_op(),
+            layer.cpu_us_per_op(),
+            nc.cpu_us_per_op(),
         );
     }
     println!();
