@@ -10,6 +10,7 @@
 //!
 //! ```text
 //! github_webhook [--listen ADDR] [--redis URL] [--namespace NS] [--ttl-secs N] [--stream NAME] [--capacity N]
+//!                [--redis-cluster URL,URL,…]
 //! ```
 //!
 //! | flag | default |
@@ -20,6 +21,7 @@
 //! | `--ttl-secs` | `300` |
 //! | `--stream` | `reviews` |
 //! | `--capacity` | unlimited |
+//! | `--redis-cluster URL,URL,…` | unset; when set, claims and the stream live in that Redis Cluster (feature `redis-cluster`) |
 //!
 //! The webhook secret comes from `GITHUB_WEBHOOK_SECRET`, read once at start; when it is unset
 //! (or empty), signatures are not checked and a warning says so.
@@ -94,6 +96,9 @@ usage: github_webhook [--listen ADDR] [--redis URL] [--namespace NS] [--ttl-secs
   --ttl-secs N      claim lifetime in seconds (default 300)
   --stream NAME     stream reviews are dispatched to (default reviews)
   --capacity N      answer 429 and release the claim when XLEN of the stream is >= N (default unlimited)
+  --redis-cluster URL,URL,...
+                    claims and the stream in a Redis Cluster (seed nodes) instead of --redis;
+                    needs the redis-cluster feature
 
 environment: GITHUB_WEBHOOK_SECRET (signatures are not checked when unset), REDIS_URL, RUST_LOG";
 
@@ -114,6 +119,9 @@ pub struct RouterConfig {
     pub capacity: Option<u64>,
     /// The webhook secret; `None`: signatures are not checked.
     pub secret: Option<Vec<u8>>,
+    /// Seed nodes of a Redis Cluster; when set, claims and the stream live there, not at
+    /// `redis_url`.
+    pub redis_cluster: Option<Vec<String>>,
 }
 
 impl fmt::Debug for RouterConfig {
@@ -126,6 +134,7 @@ impl fmt::Debug for RouterConfig {
             .field("stream", &self.stream)
             .field("capacity", &self.capacity)
             .field("secret", &self.secret.as_ref().map(|_| "[redacted]"))
+            .field("redis_cluster", &self.redis_cluster)
             .finish()
     }
 }
@@ -188,6 +197,7 @@ impl RouterConfig {
             stream: DEFAULT_STREAM.to_owned(),
             capacity: None,
             secret: None,
+            redis_cluster: None,
         }
     }
 
@@ -215,7 +225,7 @@ impl RouterConfig {
             };
             if !matches!(
                 flag.as_str(),
-                "--listen" | "--redis" | "--namespace" | "--ttl-secs" | "--stream" | "--capacity"
+                "--listen" | "--redis" | "--namespace" | "--ttl-secs" | "--stream" | "--capacity" | "--redis-cluster"
             ) {
                 return Err(ConfigError::UnknownArgument(arg));
             }
@@ -236,6 +246,25 @@ impl RouterConfig {
                 }
                 "--stream" => cfg.stream = non_empty(&flag, value)?,
                 "--capacity" => cfg.capacity = Some(parse_value(&flag, &value)?),
+                "--redis-cluster" => {
+                    let nodes: Vec<String> = value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|n| !n.is_empty())
+                        .map(String::from)
+                        .collect();
+                    if nodes.is_empty() {
+                        return Err(invalid(&flag, &value, "expected one or more comma-separated node URLs"));
+                    }
+                    if !cfg!(feature = "redis-cluster") {
+                        return Err(invalid(
+                            &flag,
+                            &value,
+                            "this build lacks the redis-cluster feature; rebuild with `--features redis-cluster`",
+                        ));
+                    }
+                    cfg.redis_cluster = Some(nodes);
+                }
                 _ => return Err(ConfigError::UnknownArgument(arg)),
             }
         }
@@ -285,7 +314,7 @@ pub fn dispatch_rules() -> DispatchRules {
 /// What the webhook handler needs.
 #[derive(Clone)]
 struct Dispatcher {
-    conn: ConnectionManager,
+    conn: StreamConn,
     stream: Arc<str>,
     capacity: Option<u64>,
 }
@@ -302,11 +331,78 @@ fn reply(status: StatusCode, word: &str, key: Option<&str>) -> Response {
     (status, Json(Reply { status: word, key })).into_response()
 }
 
-/// The router for `cfg`, with claims in Redis at `cfg.redis_url`.
+/// The connection the review stream is written on: one Redis, or a cluster.
+#[derive(Clone)]
+pub enum StreamConn {
+    /// A single Redis (multiplexed, reconnecting).
+    Single(ConnectionManager),
+    /// A Redis Cluster.
+    #[cfg(feature = "redis-cluster")]
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl From<ConnectionManager> for StreamConn {
+    fn from(conn: ConnectionManager) -> Self {
+        StreamConn::Single(conn)
+    }
+}
+
+#[cfg(feature = "redis-cluster")]
+impl From<redis::cluster_async::ClusterConnection> for StreamConn {
+    fn from(conn: redis::cluster_async::ClusterConnection) -> Self {
+        StreamConn::Cluster(conn)
+    }
+}
+
+impl redis::aio::ConnectionLike for StreamConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            StreamConn::Single(c) => c.req_packed_command(cmd),
+            #[cfg(feature = "redis-cluster")]
+            StreamConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            StreamConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            #[cfg(feature = "redis-cluster")]
+            StreamConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            StreamConn::Single(c) => c.get_db(),
+            #[cfg(feature = "redis-cluster")]
+            StreamConn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// The router for `cfg`, with claims in Redis at `cfg.redis_url` (or in the cluster of
+/// `cfg.redis_cluster`).
 ///
-/// The connection is made lazily: the router starts while Redis is down and answers `503`
-/// until it is back.
+/// A single Redis is connected lazily: the router starts while Redis is down and answers `503`
+/// until it is back. A cluster is connected at start, since the client needs its slot map.
 pub async fn build(cfg: &RouterConfig) -> Result<Router, RouterError> {
+    #[cfg(feature = "redis-cluster")]
+    if let Some(nodes) = &cfg.redis_cluster {
+        let store = RedisStore::cluster_builder(nodes.iter().map(String::as_str))
+            .connect()
+            .await
+            .map_err(|source| RouterError::Redis {
+                url: nodes.join(","),
+                source,
+            })?;
+        let conn = store.connection();
+        return Ok(build_with_store(cfg, store, conn));
+    }
     let store = RedisStore::builder(cfg.redis_url.as_str())
         .connect_lazy()
         .map_err(|source| RouterError::Redis {
@@ -318,7 +414,7 @@ pub async fn build(cfg: &RouterConfig) -> Result<Router, RouterError> {
 }
 
 /// The router for `cfg` with claims in `store` and the review stream on `conn`.
-pub fn build_with_store<St: IdempotencyStore>(cfg: &RouterConfig, store: St, conn: ConnectionManager) -> Router {
+pub fn build_with_store<St: IdempotencyStore>(cfg: &RouterConfig, store: St, conn: impl Into<StreamConn>) -> Router {
     if cfg.secret.is_none() {
         tracing::warn!(
             "{SECRET_ENV} is not set: webhook signatures are NOT checked, and anyone who can reach {WEBHOOK_PATH} can claim keys"
@@ -330,7 +426,7 @@ pub fn build_with_store<St: IdempotencyStore>(cfg: &RouterConfig, store: St, con
         .with_namespace(cfg.namespace.as_str())
         .with_ttl(cfg.ttl);
     let dispatcher = Dispatcher {
-        conn,
+        conn: conn.into(),
         stream: Arc::from(cfg.stream.as_str()),
         capacity: cfg.capacity,
     };
