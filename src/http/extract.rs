@@ -113,6 +113,8 @@ pub enum ExtractError {
         /// The event (e.g. `check_suite`, `merge_request`).
         event: String,
         /// Where in the document (e.g. `check_suite.pull_requests[0].number`; `.` for the root).
+        /// Object keys come from the payload: anything but printable ASCII is escaped, and a
+        /// long path is cut (ending in `…`).
         path: String,
         /// The parser's error.
         #[source]

@@ -235,11 +235,49 @@ fn parse<'a, T: Deserialize<'a>>(event: &str, body: &'a Bytes) -> Result<T, Extr
             p if p == "?" => ".".to_owned(),
             p => p.strip_suffix(".?").map(str::to_owned).unwrap_or(p),
         };
-        malformed(path, e.into_inner())
+        malformed(quoted(&path), shortened(e.into_inner()))
     })?;
     // Trailing garbage after the document makes it malformed too.
     de.end().map_err(|e| malformed(".".to_owned(), e))?;
     Ok(value)
+}
+
+/// Longest payload-derived text (document path, parser message) kept in an error, in bytes. Both
+/// can echo the payload (an object key, a string value) into the `400` body and the log line.
+const MAX_QUOTED_LEN: usize = 200;
+
+/// `text` with every character that is not printable ASCII escaped, and when longer than
+/// [`MAX_QUOTED_LEN`], its middle cut out (`…`): an object key from the payload must not forge
+/// log lines (newline, bidi override) or grow the error without bound.
+fn quoted(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c == ' ' || c.is_ascii_graphic() {
+            escaped.push(c);
+        } else {
+            escaped.extend(c.escape_unicode());
+        }
+    }
+    if escaped.len() <= MAX_QUOTED_LEN {
+        return escaped;
+    }
+    // All ASCII now, so any byte offset is a character boundary.
+    let tail = MAX_QUOTED_LEN / 4;
+    let head = MAX_QUOTED_LEN - tail;
+    format!("{}…{}", &escaped[..head], &escaped[escaped.len() - tail..])
+}
+
+/// The parser's error, unless its message quotes too much of the payload (a type error quotes the
+/// whole offending string): then a data error with the message [`quoted`] and its location kept
+/// in the text (`line()` and `column()` of the replacement are 0).
+fn shortened(error: serde_json::Error) -> serde_json::Error {
+    let message = error.to_string();
+    if message.len() <= MAX_QUOTED_LEN {
+        return error;
+    }
+    let location = format!(" at line {} column {}", error.line(), error.column());
+    let what = message.strip_suffix(&location).unwrap_or(&message);
+    <serde_json::Error as serde::de::Error>::custom(format_args!("{}{location}", quoted(what)))
 }
 
 /// What a document that is not an object starts with, for the error message.
