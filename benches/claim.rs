@@ -3,7 +3,7 @@
 //! - `layer_overhead_memory`: what the layer adds to a call, with `MemoryStore` (no network):
 //!   the bare inner service; the layer with a fresh key per call; the layer with one hot key
 //!   that is always a duplicate; the layer over a store that grants everything (the layer's own
-//!   machinery, no data structure); `MemoryStore::claim` alone.
+//!   machinery, no data structure), without and with coalescing; `MemoryStore::claim` alone.
 //! - `claim_parts`: the per-call pieces the layer builds (token, key).
 //! - `redis_claim`: `RedisStore::claim` against a raw redis-rs `SET key token NX PX ttl` on the
 //!   same multiplexed connection, one at a time (latency) and 64 at once (pipelined), against
@@ -140,6 +140,13 @@ fn layer_overhead_memory(c: &mut Criterion) {
 
     group.bench_function("layer_grant_all_store", |b| {
         let svc = IdempotencyLayer::new(GrantAll, key_of).layer(tower::service_fn(trivial));
+        bench_service(b, &rt, svc, Keys::Unique);
+    });
+
+    group.bench_function("layer_grant_all_store_coalescing", |b| {
+        let svc = IdempotencyLayer::new(GrantAll, key_of)
+            .with_coalescing(true)
+            .layer(tower::service_fn(trivial));
         bench_service(b, &rt, svc, Keys::Unique);
     });
 

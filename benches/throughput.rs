@@ -12,10 +12,16 @@
 //! - `ioredis`: the seed's TypeScript claim (`../shared/bench/ioredis-claim`), when `node` and
 //!   `npm` are available.
 //!
-//! Run: `cargo bench --bench throughput` (optionally `-- --seconds S --rounds R --conc 1,64
-//! --keys unique,one --no-ioredis --memory-only`). Unknown arguments (cargo adds `--bench`) are
-//! ignored.
-//! See BENCHMARKS.md for what every number means.
+//! Run: `cargo bench --bench throughput`. Options (after `--`):
+//! - `--seconds S` (default 2): length of one measured run;
+//! - `--rounds R` (default 2): runs per implementation, interleaved (the order rotates each
+//!   round), summed; the ioredis row runs once for `S * R` seconds;
+//! - `--conc 1,16,64,256`, `--keys unique,hot,one`, `--impls raw,store,layer,layer_nc`: subsets
+//!   (left-out implementations show as 0 in `RESULT`);
+//! - `--no-ioredis`; `--memory-only` (just the `MemoryStore` overhead lines).
+//!
+//! Unknown arguments (cargo adds `--bench`) are ignored. See BENCHMARKS.md for what every number
+//! means.
 
 #[path = "../tests/common/redis_server.rs"]
 mod redis_server;
@@ -54,8 +60,8 @@ struct Args {
 
 fn parse_args() -> Args {
     let mut args = Args {
-        seconds: 3.0,
-        rounds: 1,
+        seconds: 2.0,
+        rounds: 2,
         conc: vec![1, 16, 64, 256],
         patterns: vec![Pattern::Unique, Pattern::Hot, Pattern::One],
         ioredis: true,
@@ -920,7 +926,14 @@ fn main() {
             let io = match &ioredis {
                 Some(node) => {
                     flush(&target);
-                    match node.run(server.port(), redis_pid, c, pattern, args.seconds, node_warmup) {
+                    match node.run(
+                        server.port(),
+                        redis_pid,
+                        c,
+                        pattern,
+                        args.seconds * args.rounds as f64,
+                        node_warmup,
+                    ) {
                         Ok(r) => {
                             println!(
                                 "run c={c} keys={} impl=ioredis secs={:.2} ops={} ok={} dup={} err={} ops_per_s={:.0} p50_us={:.1} p99_us={:.1} p999_us={:.1}",
