@@ -14,7 +14,7 @@ use tracing::Span;
 
 use crate::IdempotencyKey;
 use crate::classify::{ClassifyOutcome, Settle};
-use crate::coalesce::{Role, follow};
+use crate::coalesce::{LeaderGuard, Role, follow};
 use crate::error::IdempotencyError;
 use crate::extract::BoxError;
 use crate::layer::{Config, LostClaimPolicy, StoreErrorPolicy};
@@ -54,7 +54,7 @@ where
     S: Service<Req>,
 {
     Claiming {
-        claim: BoxFuture<(Result<ClaimOutcome, StoreError>, bool)>,
+        claim: Claim,
         parts: Option<(S, Req)>,
     },
     Calling {
@@ -125,29 +125,47 @@ impl fmt::Display for Chain<'_> {
     }
 }
 
+/// The claim in flight: straight to the store, as the coalescing leader, or as a follower.
+/// Resolves to the answer and whether the claim sent was ours (so a failure may have left our
+/// token behind). One allocation per call: the store's future, or the follower's.
+pub(crate) enum Claim {
+    Direct(BoxFuture<Result<ClaimOutcome, StoreError>>),
+    Leader(BoxFuture<Result<ClaimOutcome, StoreError>>, Option<LeaderGuard>),
+    Follower(BoxFuture<(Result<ClaimOutcome, StoreError>, bool)>),
+}
+
+impl Future for Claim {
+    type Output = (Result<ClaimOutcome, StoreError>, bool);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut *self {
+            Claim::Direct(claim) => claim.as_mut().poll(cx).map(|result| (result, true)),
+            Claim::Leader(claim, guard) => {
+                let result = ready!(claim.as_mut().poll(cx));
+                if let Some(guard) = guard.take() {
+                    guard.publish(&result);
+                }
+                Poll::Ready((result, true))
+            }
+            Claim::Follower(follow) => follow.as_mut().poll(cx),
+        }
+    }
+}
+
 /// Starts the claim: through the coalescer when enabled, else straight to the store.
-/// The flag says whether the claim sent was ours (so a failure may have left our token behind).
-fn start_claim(
-    config: &Arc<Config>,
-    full_key: &Arc<str>,
-    token: &ClaimToken,
-) -> BoxFuture<(Result<ClaimOutcome, StoreError>, bool)> {
+fn start_claim(config: &Arc<Config>, full_key: &Arc<str>, token: &ClaimToken) -> Claim {
     let store = config.store.clone();
     let (key, token, ttl) = (full_key.clone(), token.clone(), config.ttl);
     match config.coalescer.as_ref().map(|c| c.join(full_key)) {
-        None => Box::pin(async move { (store.claim(key, token, ttl).await, true) }),
-        Some(Role::Leader(guard)) => Box::pin(async move {
-            let result = store.claim(key, token, ttl).await;
-            guard.publish(&result);
-            (result, true)
-        }),
-        Some(Role::Follower(rx)) => Box::pin(async move {
+        None => Claim::Direct(store.claim(key, token, ttl)),
+        Some(Role::Leader(guard)) => Claim::Leader(store.claim(key, token, ttl), Some(guard)),
+        Some(Role::Follower(rx)) => Claim::Follower(Box::pin(async move {
             match follow(rx).await {
                 Some(answer) => (answer, false),
                 // The leader went away without an answer: claim for ourselves.
                 None => (store.claim(key, token, ttl).await, true),
             }
-        }),
+        })),
     }
 }
 
@@ -196,7 +214,7 @@ where
     pub(crate) fn claim(inner: S, req: Req, key: IdempotencyKey, config: Arc<Config>, classifier: C) -> Self {
         let span = tracing::info_span!("idempotency", key = %key, outcome = tracing::field::Empty);
         let full_key: Arc<str> = if config.namespace.is_empty() {
-            Arc::from(key.as_str())
+            key.shared()
         } else {
             Arc::from(format!("{}{}", config.namespace, key).as_str())
         };
@@ -257,7 +275,7 @@ where
         loop {
             match this.state.as_mut().project() {
                 StateProj::Claiming { claim, parts } => {
-                    let (result, ours) = ready!(claim.as_mut().poll(cx));
+                    let (result, ours) = ready!(Pin::new(claim).poll(cx));
                     let Some((mut svc, req)) = parts.take() else {
                         polled_after_completion()
                     };

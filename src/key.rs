@@ -107,6 +107,11 @@ impl IdempotencyKey {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The key's text, shared (no copy).
+    pub(crate) fn shared(&self) -> Arc<str> {
+        self.0.clone()
+    }
 }
 
 fn validate(key: &str) -> Result<(), KeyError> {
@@ -118,6 +123,13 @@ fn validate(key: &str) -> Result<(), KeyError> {
             len: key.len(),
             max: MAX_KEY_LEN,
         });
+    }
+    if key.is_ascii() {
+        // Fast path: only ASCII control characters can be unprintable here.
+        if let Some(index) = key.bytes().position(|b| b.is_ascii_control()) {
+            return Err(KeyError::ControlCharacter { index });
+        }
+        return Ok(());
     }
     if let Some((index, _)) = key.char_indices().find(|&(_, c)| is_unprintable(c)) {
         return Err(KeyError::ControlCharacter { index });
