@@ -1,9 +1,11 @@
 //! `duplicate_is_short_circuited_across_processes`: several OS processes, each with its own
 //! Redis connection and its own layer, race hundreds of concurrent claims over the same keys.
-//! Exactly one dispatch per key may happen in total.
+//! Exactly one dispatch per key may happen in total. With the `redis-cluster` feature the same
+//! race also runs against a local 3-primary Redis Cluster.
 //!
 //! The binary has its own `main` (harness = false): run plainly it is the parent test; the
-//! parent re-executes it with `RACE_CHILD_URL` set to make each racing child.
+//! parent re-executes it with `RACE_CHILD_URL` (or `RACE_CHILD_CLUSTER`) set to make each
+//! racing child.
 
 mod common;
 
@@ -11,7 +13,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::RedisServer;
+use redis::aio::ConnectionLike;
 use tower::{Service, ServiceExt};
+use tower_idempotency::store::IdempotencyStore;
 use tower_idempotency::{IdempotencyKey, IdempotencyLayer, KeyError, RedisStore};
 
 const CHILDREN: usize = 3;
@@ -25,26 +29,59 @@ fn main() {
         .build()
         .expect("runtime");
     if let Ok(url) = std::env::var("RACE_CHILD_URL") {
-        rt.block_on(child(url));
+        let store = rt.block_on(RedisStore::connect(url.as_str())).expect("child: connect");
+        rt.block_on(child(store.connection(), store));
         return;
     }
+    #[cfg(feature = "redis-cluster")]
+    if let Ok(urls) = std::env::var("RACE_CHILD_CLUSTER") {
+        let store = rt
+            .block_on(RedisStore::connect_cluster(urls.split(',')))
+            .expect("child: connect");
+        rt.block_on(child(store.connection(), store));
+        return;
+    }
+    let mut passed = 0;
     let started = Instant::now();
-    rt.block_on(duplicate_is_short_circuited_across_processes());
+    {
+        let server = RedisServer::start();
+        let conn = rt
+            .block_on(RedisStore::connect(server.url()))
+            .expect("connect")
+            .connection();
+        rt.block_on(race(conn, ("RACE_CHILD_URL", server.url())));
+    }
     println!(
         "test duplicate_is_short_circuited_across_processes ... ok ({:?})",
         started.elapsed()
     );
-    println!("cross_process: 1 passed, 0 failed");
+    passed += 1;
+    #[cfg(feature = "redis-cluster")]
+    {
+        let started = Instant::now();
+        let cluster = common::redis_cluster::RedisCluster::start();
+        let conn = rt
+            .block_on(RedisStore::connect_cluster(cluster.urls()))
+            .expect("connect")
+            .connection();
+        rt.block_on(race(conn, ("RACE_CHILD_CLUSTER", cluster.urls().join(","))));
+        println!(
+            "test duplicate_is_short_circuited_across_processes_on_a_cluster ... ok ({:?})",
+            started.elapsed()
+        );
+        passed += 1;
+    }
+    println!("cross_process: {passed} passed, 0 failed");
 }
 
-async fn duplicate_is_short_circuited_across_processes() {
-    let server = RedisServer::start();
-    let mut conn = common::raw_conn(&server).await;
+/// The parent: starts the children, fires the race, checks the totals. `child_env` says how a
+/// child finds the same Redis.
+async fn race<C: ConnectionLike + Clone>(mut conn: C, child_env: (&str, String)) {
     let exe = std::env::current_exe().expect("current_exe");
     let children: Vec<_> = (0..CHILDREN)
         .map(|_| {
             Command::new(&exe)
-                .env("RACE_CHILD_URL", server.url())
+                .env(child_env.0, &child_env.1)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
                 .spawn()
@@ -105,10 +142,13 @@ async fn duplicate_is_short_circuited_across_processes() {
     }
 }
 
-async fn child(url: String) {
-    let store = RedisStore::connect(url.as_str()).await.expect("child: connect");
-    let mut conn = store.connection();
-    let counter = store.connection();
+/// One racing process: its own store and connection, its own layer.
+async fn child<C, St>(conn: C, store: St)
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+    St: IdempotencyStore,
+{
+    let (mut coord, counter) = (conn.clone(), conn);
     let layer = IdempotencyLayer::new(store, |k: &String| -> Result<_, KeyError> {
         IdempotencyKey::new(k).map(Some)
     })
@@ -125,13 +165,13 @@ async fn child(url: String) {
 
     let _: i64 = redis::cmd("INCR")
         .arg("race:ready")
-        .query_async(&mut conn)
+        .query_async(&mut coord)
         .await
         .expect("child: ready");
     loop {
         let go: Option<i64> = redis::cmd("GET")
             .arg("race:go")
-            .query_async(&mut conn)
+            .query_async(&mut coord)
             .await
             .expect("child: go");
         if go.is_some() {
