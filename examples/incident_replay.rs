@@ -424,7 +424,9 @@ async fn scenario(url: &str, run: &str, store: StoreKind, args: &Args) -> Result
         for t in 0..per_round_router {
             let (addr, sha) = (addr.clone(), sha.clone());
             tasks.push(tokio::spawn(async move {
-                tokio::time::sleep(jitter(40)).await;
+                // Webhook deliveries arrive a little more spread out than jobs finish; both sides
+                // still race for every key (the worker has the stream hop to make up).
+                tokio::time::sleep(jitter(60)).await;
                 let (event, body) = if t % 2 == 0 {
                     check_suite(pr, &sha)
                 } else {
@@ -443,7 +445,7 @@ async fn scenario(url: &str, run: &str, store: StoreKind, args: &Args) -> Result
             let mut conn = conn.clone();
             let (jobs, sha) = (n.jobs.clone(), sha.clone());
             tasks.push(tokio::spawn(async move {
-                tokio::time::sleep(jitter(40)).await;
+                tokio::time::sleep(jitter(30)).await;
                 let fields = [
                     ("project", PROJECT.to_string()),
                     ("pr", pr.to_string()),
