@@ -12,6 +12,8 @@
 //! Run: `cargo bench --bench claim` (filter with e.g. `-- redis_claim`). For the load test with
 //! concurrency, key patterns and the `RESULT` lines, see `benches/throughput.rs`.
 
+#[path = "support/grant_all.rs"]
+mod grant_all;
 #[path = "../tests/common/redis_server.rs"]
 mod redis_server;
 
@@ -24,7 +26,7 @@ use std::time::Duration;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures::future::join_all;
 use tower::{Layer, Service, ServiceExt};
-use tower_idempotency::store::{ClaimOutcome, ClaimToken, IdempotencyStore, StoreError};
+use tower_idempotency::store::{ClaimToken, IdempotencyStore};
 use tower_idempotency::{IdempotencyKey, IdempotencyLayer, KeyError, MemoryStore, RedisStore};
 
 use redis_server::RedisServer;
@@ -48,20 +50,7 @@ fn key_of(req: &String) -> Result<Option<IdempotencyKey>, KeyError> {
     IdempotencyKey::new(req).map(Some)
 }
 
-/// Grants every claim and remembers nothing: isolates the layer's own machinery.
-struct GrantAll;
-
-impl IdempotencyStore for GrantAll {
-    async fn claim(&self, _key: &str, _token: &ClaimToken, _ttl: Duration) -> Result<ClaimOutcome, StoreError> {
-        Ok(ClaimOutcome::Acquired)
-    }
-    async fn release(&self, _key: &str, _token: &ClaimToken) -> Result<bool, StoreError> {
-        Ok(true)
-    }
-    async fn renew(&self, _key: &str, _token: &ClaimToken, _ttl: Duration) -> Result<bool, StoreError> {
-        Ok(true)
-    }
-}
+use grant_all::GrantAll;
 
 /// Where each call's request comes from.
 #[derive(Clone, Copy)]

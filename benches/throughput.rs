@@ -23,6 +23,8 @@
 //! Unknown arguments (cargo adds `--bench`) are ignored. See BENCHMARKS.md for what every number
 //! means.
 
+#[path = "support/grant_all.rs"]
+mod grant_all;
 #[path = "../tests/common/redis_server.rs"]
 mod redis_server;
 
@@ -35,7 +37,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use redis::aio::ConnectionManager;
 use tower::{Service, ServiceExt};
-use tower_idempotency::store::{ClaimOutcome, ClaimToken, IdempotencyStore, StoreError};
+use tower_idempotency::store::{ClaimOutcome, ClaimToken, IdempotencyStore};
 use tower_idempotency::{IdempotencyKey, IdempotencyLayer, KeyError, MemoryStore, RedisStore};
 
 use redis_server::RedisServer;
@@ -659,21 +661,7 @@ fn scratch_dir() -> PathBuf {
 // ---------------------------------------------------------------------------------------------
 // MemoryStore overhead: the layer's own cost per call, without any network.
 
-/// A store that grants every claim without remembering anything: isolates the layer's own
-/// machinery (key, token, futures, state machine) from the store's data structure.
-struct GrantAll;
-
-impl IdempotencyStore for GrantAll {
-    async fn claim(&self, _key: &str, _token: &ClaimToken, _ttl: Duration) -> Result<ClaimOutcome, StoreError> {
-        Ok(ClaimOutcome::Acquired)
-    }
-    async fn release(&self, _key: &str, _token: &ClaimToken) -> Result<bool, StoreError> {
-        Ok(true)
-    }
-    async fn renew(&self, _key: &str, _token: &ClaimToken, _ttl: Duration) -> Result<bool, StoreError> {
-        Ok(true)
-    }
-}
+use grant_all::GrantAll;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum MemArm {
