@@ -15,6 +15,17 @@ use crate::store::{ErasedStore, IdempotencyStore};
 pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
 
 /// What a store error (Redis down, timed out, refused) means for the call.
+///
+/// ```
+/// use tower_idempotency::{IdempotencyKey, IdempotencyLayer, KeyError, MemoryStore, StoreErrorPolicy};
+///
+/// // Availability over exactly-once: dispatch when the store cannot answer (logged at `warn`).
+/// let layer = IdempotencyLayer::new(MemoryStore::new(), |job: &String| -> Result<_, KeyError> {
+///     IdempotencyKey::new(job).map(Some)
+/// })
+/// .with_store_error_policy(StoreErrorPolicy::FailOpen);
+/// # let _ = layer;
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum StoreErrorPolicy {
     /// Treat the call as a duplicate: the inner service is not called. Skipping one dispatch is
@@ -26,6 +37,21 @@ pub enum StoreErrorPolicy {
 }
 
 /// What to do when renewal finds that a running job's claim has been lost.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_idempotency::{IdempotencyKey, IdempotencyLayer, KeyError, LostClaimPolicy, MemoryStore};
+///
+/// // A job may run longer than the TTL: renew every third of it, and stop the job if the claim
+/// // is lost anyway (someone else may be running it).
+/// let layer = IdempotencyLayer::new(MemoryStore::new(), |job: &String| -> Result<_, KeyError> {
+///     IdempotencyKey::new(job).map(Some)
+/// })
+/// .with_ttl(Duration::from_secs(30))
+/// .with_renewal(Duration::from_secs(10))
+/// .with_lost_claim_policy(LostClaimPolicy::Abort);
+/// # let _ = layer;
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LostClaimPolicy {
     /// Log and report, and let the job finish. The default.

@@ -103,6 +103,17 @@ fn process_nonce() -> u64 {
 
 /// A store could not answer. The layer treats this as "don't know", which by default means
 /// fail closed: the call is short-circuited rather than risk a second dispatch.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_idempotency::StoreError;
+///
+/// let err = StoreError::Timeout { operation: "claim", after: Duration::from_millis(500) };
+/// assert_eq!(err.kind(), "timeout");
+/// // The SET may still land after we gave up: the layer cleans such a claim up.
+/// assert!(err.may_have_applied());
+/// assert_eq!(err.to_string(), "idempotency store did not answer `claim` within 500ms");
+/// ```
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
