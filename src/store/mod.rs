@@ -2,7 +2,7 @@
 //!
 //! The layer does not care where claims live, only that a claim is atomic and that release and
 //! renewal check the owner token, so a slow job can never delete or extend a claim that has
-//! since passed to someone else. [`RedisStore`](crate::RedisStore) shares claims across processes;
+//! since passed to someone else. [`RedisStore`] shares claims across processes;
 //! [`MemoryStore`] keeps them in one process, for tests and single-process services.
 
 use std::fmt;
