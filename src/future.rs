@@ -116,7 +116,12 @@ where
     /// Calls `inner` without a claim: the request has no key.
     pub(crate) fn pass_through(mut inner: S, req: Req, classifier: C) -> Self {
         let span = tracing::info_span!("idempotency", key = tracing::field::Empty);
-        span.in_scope(|| tracing::debug!(outcome = "pass_through", "no idempotency key; passing through unclaimed"));
+        span.in_scope(|| {
+            tracing::debug!(
+                outcome = "pass_through",
+                "no idempotency key; passing through unclaimed"
+            )
+        });
         Self {
             state: State::Calling {
                 fut: inner.call(req),
@@ -142,7 +147,9 @@ where
     /// Answers at once: the extractor could not produce a valid key.
     pub(crate) fn rejected(error: BoxError, classifier: C) -> Self {
         let span = tracing::info_span!("idempotency", key = tracing::field::Empty);
-        span.in_scope(|| tracing::info!(outcome = "invalid_key", error = %Chain(&*error), "rejected: no valid idempotency key"));
+        span.in_scope(
+            || tracing::info!(outcome = "invalid_key", error = %Chain(&*error), "rejected: no valid idempotency key"),
+        );
         Self {
             state: State::Done {
                 result: Some(Err(IdempotencyError::InvalidKey { source: error })),

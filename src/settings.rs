@@ -99,7 +99,9 @@ pub enum ConfigError {
         max: Duration,
     },
     /// The renewal interval is zero.
-    #[error("renewal interval is zero: it would renew in a busy loop; set `with_renewal` to about a third of the ttl ({suggested:?})")]
+    #[error(
+        "renewal interval is zero: it would renew in a busy loop; set `with_renewal` to about a third of the ttl ({suggested:?})"
+    )]
     ZeroRenewal {
         /// A third of the TTL.
         suggested: Duration,
@@ -117,7 +119,9 @@ pub enum ConfigError {
         suggested: Duration,
     },
     /// The maximum hold is zero.
-    #[error("max hold is zero: renewal would stop at once; set `with_max_hold` to the longest a job may keep its key, or leave the default")]
+    #[error(
+        "max hold is zero: renewal would stop at once; set `with_max_hold` to the longest a job may keep its key, or leave the default"
+    )]
     ZeroMaxHold,
 }
 

@@ -240,7 +240,6 @@ impl<X, V, C, R> HttpIdempotencyLayer<X, V, C, R> {
     pub fn body_limit(&self) -> usize {
         self.body_limit
     }
-
 }
 
 impl<S, X: Clone, V: Clone, C: Clone, R: Clone> Layer<S> for HttpIdempotencyLayer<X, V, C, R> {

@@ -25,13 +25,13 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use tokio::time::Instant;
 
+use super::Protocol;
 use super::background::Work;
 use super::lease::Lease;
-use super::Protocol;
+use crate::IdempotencyKey;
 use crate::error::Chain;
 use crate::settings::StoreErrorPolicy;
 use crate::store::{BoxFuture, ClaimOutcome, ClaimToken, StoreError};
-use crate::IdempotencyKey;
 
 /// What the protocol decided for one caller.
 pub(crate) enum Decision {
@@ -77,7 +77,9 @@ struct Attempt {
 
 impl std::fmt::Debug for Attempt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Attempt").field("key", &self.key).finish_non_exhaustive()
+        f.debug_struct("Attempt")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
     }
 }
 

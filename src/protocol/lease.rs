@@ -212,7 +212,9 @@ impl Releasing {
         lease.settled = true;
         match answer {
             Ok(true) => tracing::info!(key = %lease.key, outcome = "released", "blocked; claim released"),
-            Ok(false) => tracing::warn!(key = %lease.key, outcome = "released", "blocked, but the claim was already gone (expired or taken over)"),
+            Ok(false) => {
+                tracing::warn!(key = %lease.key, outcome = "released", "blocked, but the claim was already gone (expired or taken over)")
+            }
             Err(error) => {
                 tracing::error!(key = %lease.key, outcome = "release_failed", error = %Chain(&error), "blocked, but releasing the claim failed; retrying in the background until it is released or expires");
                 lease.protocol.settings.background.submit(

@@ -345,7 +345,9 @@ pub(crate) fn validate_timeout(timeout: Duration) -> Result<Duration, StoreError
     if timeout > MAX {
         return Err(StoreError::InvalidSetting {
             setting: "timeout",
-            reason: format!("{timeout:?} is longer than the 1 h maximum; a store call that may hang that long is not bounded, use a value in milliseconds"),
+            reason: format!(
+                "{timeout:?} is longer than the 1 h maximum; a store call that may hang that long is not bounded, use a value in milliseconds"
+            ),
         });
     }
     Ok(timeout * 4)
