@@ -265,11 +265,28 @@ macro_rules! settings_builders {
         }
 
         /// The Sentry tag set on store-error events (default `idempotency_store_down`); its
-        /// value is the error kind. Without the `sentry` feature nothing is sent.
+        /// value is the error kind unless set with
+        /// [`with_sentry_tag_value`](Self::with_sentry_tag_value). The kind is always in the
+        /// `idempotency_error_kind` tag too. Without the `sentry` feature nothing is sent.
         pub fn with_sentry_tag(mut self, tag: impl Into<String>) -> Self {
-            self.settings.reporter = std::sync::Arc::new($crate::report::Reporter::new(
+            let reporter = &self.settings.reporter;
+            self.settings.reporter = std::sync::Arc::new($crate::report::Reporter::with_value(
                 tag.into(),
-                self.settings.reporter.interval,
+                reporter.tag_value.clone(),
+                reporter.interval,
+            ));
+            self
+        }
+
+        /// A fixed value for the Sentry tag, e.g. `with_sentry_tag("source")` and
+        /// `with_sentry_tag_value("review_dedup_redis_down")` tag every store-error event
+        /// `source=review_dedup_redis_down`, as the system this crate replaces did.
+        pub fn with_sentry_tag_value(mut self, value: impl Into<String>) -> Self {
+            let reporter = &self.settings.reporter;
+            self.settings.reporter = std::sync::Arc::new($crate::report::Reporter::with_value(
+                reporter.tag.clone(),
+                Some(value.into()),
+                reporter.interval,
             ));
             self
         }
@@ -277,8 +294,10 @@ macro_rules! settings_builders {
         /// At most one Sentry event per store-error kind per `interval` (default 10 s); the next
         /// event counts the ones suppressed. `Duration::ZERO` reports every error.
         pub fn with_report_interval(mut self, interval: std::time::Duration) -> Self {
-            self.settings.reporter = std::sync::Arc::new($crate::report::Reporter::new(
-                self.settings.reporter.tag.clone(),
+            let reporter = &self.settings.reporter;
+            self.settings.reporter = std::sync::Arc::new($crate::report::Reporter::with_value(
+                reporter.tag.clone(),
+                reporter.tag_value.clone(),
                 interval,
             ));
             self

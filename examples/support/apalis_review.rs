@@ -227,7 +227,9 @@ fn without_inner(err: IdempotencyError<BoxDynError>) -> BoxDynError {
         IdempotencyError::ReleaseFailed { key, source } => {
             Box::new(IdempotencyError::<Infallible>::ReleaseFailed { key, source })
         }
-        IdempotencyError::Misconfigured { source } => Box::new(IdempotencyError::<Infallible>::Misconfigured { source }),
+        IdempotencyError::Misconfigured { source } => {
+            Box::new(IdempotencyError::<Infallible>::Misconfigured { source })
+        }
         other => other.to_string().into(),
     }
 }
