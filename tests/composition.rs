@@ -11,8 +11,10 @@ fn key_of(req: &String) -> Result<Option<IdempotencyKey>, KeyError> {
     IdempotencyKey::new(req).map(Some)
 }
 
-fn layer() -> IdempotencyLayer<fn(&String) -> Result<Option<IdempotencyKey>, KeyError>> {
-    IdempotencyLayer::new(MemoryStore::new(), key_of as fn(&String) -> _)
+type KeyOf = fn(&String) -> Result<Option<IdempotencyKey>, KeyError>;
+
+fn layer() -> IdempotencyLayer<KeyOf> {
+    IdempotencyLayer::new(MemoryStore::new(), key_of as KeyOf)
         .build()
         .expect("valid settings")
 }
