@@ -167,7 +167,7 @@ fn check_pull_request(project: &str, pull_request: u64, head_sha: &str) -> Outco
     let made = IdempotencyKey::for_pull_request(project, pull_request, head_sha);
     let project_ok = !project.is_empty() && !project.chars().any(|c| c.is_whitespace() || is_unprintable(c));
     let sha_ok = (7..=64).contains(&head_sha.len()) && head_sha.bytes().all(|b| b.is_ascii_hexdigit());
-    let rendered = format!("{project}:{pull_request}:{}", head_sha.to_ascii_lowercase());
+    let rendered = format!("{}:{pull_request}:{}", project.to_ascii_lowercase(), head_sha.to_ascii_lowercase());
     let fits = rendered.len() <= MAX_KEY_LEN;
     match made {
         Ok(key) => {
@@ -178,7 +178,7 @@ fn check_pull_request(project: &str, pull_request: u64, head_sha: &str) -> Outco
             let mut fields = key.as_str().rsplitn(3, ':');
             assert_eq!(fields.next(), Some(head_sha.to_ascii_lowercase().as_str()));
             assert_eq!(fields.next(), Some(pull_request.to_string().as_str()));
-            assert_eq!(fields.next(), Some(project));
+            assert_eq!(fields.next(), Some(project.to_ascii_lowercase().as_str()));
             Outcome::Key(rendered)
         }
         Err(error) => {

@@ -1,4 +1,4 @@
-//! The HTTP response future: buffer the body, check, extract, then drive the core future and
+//! The HTTP response future: check the head, buffer the body, check, extract, then drive the core future and
 //! turn its short-circuits into responses.
 
 use std::fmt;
@@ -25,8 +25,9 @@ use crate::{ClassifyOutcome, Idempotency, IdempotencyError};
 
 /// Response future of [`HttpIdempotency`](super::HttpIdempotency).
 ///
-/// A state machine: `Buffering` (read the body up to the limit) → checks and extraction, done
-/// at once → `Claiming` (the core [`ResponseFuture`](crate::ResponseFuture): claim, call the
+/// A state machine: the head is checked first (signature header or token, then a declared
+/// `Content-Length` over the limit), before a byte of the body is read; then `Buffering` (read the
+/// body up to the limit) → checks and extraction, done at once → `Claiming` (the core [`ResponseFuture`](crate::ResponseFuture): claim, call the
 /// handler, keep or release) → response. A short-circuit at any step ends in `Answered`. When
 /// neither the extractor nor the verifier reads the body, `Buffering` is skipped.
 ///
@@ -102,14 +103,22 @@ where
         C: ClassifyOutcome<S::Response, S::Error> + Clone,
     {
         let (mut parts, body) = req.into_parts();
-        let state = if !front.needs_body() {
+        let state = if let Err(error) = front.verifier.verify_head(&parts) {
+            // Authentication comes first, from the head alone: not a byte of the body is read
+            // for a request that cannot be authentic.
+            State::Answered {
+                response: Some(unauthenticated(&front, &error)),
+            }
+        } else if !front.needs_body() {
             match reject(&front, &mut parts, &Bytes::new()) {
                 None => State::Claiming {
                     fut: core.call(Request::from_parts(parts, body)),
                 },
                 rejection => State::Answered { response: rejection },
             }
-        } else if body.size_hint().lower() > front.body_limit as u64 {
+        } else if declared_length(&parts).is_some_and(|len| len > front.body_limit as u64)
+            || body.size_hint().lower() > front.body_limit as u64
+        {
             // Content-Length already says it is too large: do not read it.
             State::Answered {
                 response: Some(too_large(&front)),
@@ -125,6 +134,27 @@ where
     }
 }
 
+/// The `Content-Length` the client declared, if it is one valid number.
+fn declared_length(parts: &Parts) -> Option<u64> {
+    parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The answer to a request the verifier refused; nothing was claimed.
+fn unauthenticated<X, V, R: ShortCircuitResponse>(
+    front: &Front<X, V, R>,
+    error: &(dyn std::error::Error + 'static),
+) -> Response<Bytes> {
+    tracing::warn!(outcome = "unauthorized", error = %Chain(error), "rejected: signature check failed; nothing claimed");
+    front.responses.unauthorized(error)
+}
+
 /// Signature check, then key extraction. Returns the rejection's response, or `None` to go on
 /// (with the key, if any, in the extensions).
 fn reject<X, V, R>(front: &Front<X, V, R>, parts: &mut Parts, body: &Bytes) -> Option<Response<Bytes>>
@@ -134,8 +164,7 @@ where
     R: ShortCircuitResponse,
 {
     if let Err(error) = front.verifier.verify(parts, body) {
-        tracing::warn!(outcome = "unauthorized", error = %Chain(&error), "rejected: signature check failed; nothing claimed");
-        return Some(front.responses.unauthorized(&error));
+        return Some(unauthenticated(front, &error));
     }
     // Only a key extracted here may be claimed (not one left by an outer layer).
     parts.extensions.remove::<PendingClaim>();
@@ -147,6 +176,13 @@ where
         }
         Ok(None) => None,
         Err(error) => {
+            let unsupported = (&error as &(dyn std::error::Error + 'static))
+                .downcast_ref::<ExtractError>()
+                .is_some_and(|e| matches!(e, ExtractError::UnsupportedContentType { .. }));
+            if unsupported {
+                tracing::info!(outcome = "unsupported_media_type", error = %Chain(&error), "rejected: body is not JSON; nothing claimed");
+                return Some(front.responses.unsupported_media_type(&error));
+            }
             tracing::info!(outcome = "invalid", error = %Chain(&error), "rejected: no valid idempotency key; nothing claimed");
             Some(front.responses.invalid(&error))
         }
