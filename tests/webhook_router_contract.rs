@@ -99,11 +99,7 @@ async fn a_dispatching_event_is_202_and_one_xadd_with_the_documented_fields() {
             .to_vec()
         ]
     );
-    let ttl: i64 = server
-        .cli(&["TTL", &claim(2, SHA)])
-        .trim()
-        .parse()
-        .unwrap();
+    let ttl: i64 = server.cli(&["TTL", &claim(2, SHA)]).trim().parse().unwrap();
     assert!((295..=300).contains(&ttl), "claim TTL {ttl}");
 }
 
@@ -448,13 +444,16 @@ async fn an_empty_secret_stops_the_router_with_exit_code_2_and_a_message_naming_
     .await;
     assert_eq!(code, std::process::ExitCode::from(2));
     let message = ConfigError::EmptySecret("GITHUB_WEBHOOK_SECRET").to_string();
-    assert!(message.starts_with("GITHUB_WEBHOOK_SECRET is set but empty"), "{message}");
+    assert!(
+        message.starts_with("GITHUB_WEBHOOK_SECRET is set but empty"),
+        "{message}"
+    );
     assert!(message.contains("unset it"), "{message}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_concurrent_deliveries_at_capacity_five_are_exactly_five_202_and_fifteen_429_with_those_claims_released()
- {
+{
     let server = RedisServer::start();
     let addr = serve_router(&server, |cfg| cfg.capacity = Some(5)).await;
 
@@ -486,9 +485,17 @@ async fn twenty_concurrent_deliveries_at_capacity_five_are_exactly_five_202_and_
         }
     }
     assert_eq!((dispatched.len(), blocked.len()), (5, 15), "dispatched {dispatched:?}");
-    assert_eq!(server.cli(&["XLEN", "reviews"]).trim(), "5", "the stream never overshoots");
+    assert_eq!(
+        server.cli(&["XLEN", "reviews"]).trim(),
+        "5",
+        "the stream never overshoots"
+    );
     for pr in &blocked {
-        assert_eq!(server.cli(&["EXISTS", &claim(*pr, SHA)]).trim(), "0", "PR {pr}: released");
+        assert_eq!(
+            server.cli(&["EXISTS", &claim(*pr, SHA)]).trim(),
+            "0",
+            "PR {pr}: released"
+        );
     }
     for pr in &dispatched {
         assert_eq!(server.cli(&["EXISTS", &claim(*pr, SHA)]).trim(), "1", "PR {pr}: kept");
@@ -566,7 +573,10 @@ async fn bad_signatures_over_http_are_403_without_www_authenticate_and_take_no_c
         ("x-github-delivery", "d-1"),
         ("x-hub-signature-256", right.as_str()),
     ];
-    assert_eq!(post(addr, "/webhooks/github", &headers, body.as_bytes()).await.status, 202);
+    assert_eq!(
+        post(addr, "/webhooks/github", &headers, body.as_bytes()).await.status,
+        202
+    );
 }
 
 #[tokio::test]
@@ -579,7 +589,10 @@ async fn form_encoded_deliveries_ping_included_are_415_naming_the_content_type_t
         ("pull_request", review_requested(2, SHA)),
     ] {
         // GitHub's other content type: `payload=<url-encoded JSON>`, signed over the raw body.
-        let body = format!("payload={}", json.replace('"', "%22").replace('{', "%7B").replace('}', "%7D"));
+        let body = format!(
+            "payload={}",
+            json.replace('"', "%22").replace('{', "%7B").replace('}', "%7D")
+        );
         let signature = github_signature(&secret, body.as_bytes());
         let headers = [
             ("content-type", "application/x-www-form-urlencoded"),
@@ -638,7 +651,10 @@ async fn a_worker_key_in_mixed_case_and_a_webhook_in_lower_case_are_one_claim() 
 
     // And the other way round: the webhook first, then a worker spelling it differently.
     let body = review_requested(3, SHA);
-    assert_eq!(post(addr, "/webhooks/github", &headers, body.as_bytes()).await.status, 202);
+    assert_eq!(
+        post(addr, "/webhooks/github", &headers, body.as_bytes()).await.status,
+        202
+    );
     let job = ("codertocat/HELLO-world".to_owned(), 3, SHA.to_owned());
     assert!(worker.call(job).await.is_err(), "the worker's claim is a duplicate");
 }
