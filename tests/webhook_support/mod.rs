@@ -104,9 +104,21 @@ pub struct RawResponse {
 /// POSTs `body` to `http://addr/path` on a fresh connection (`connection: close`) and reads
 /// the whole response.
 pub async fn post(addr: std::net::SocketAddr, path: &str, headers: &[(&str, &str)], body: &[u8]) -> RawResponse {
+    send(addr, "POST", path, headers, body).await
+}
+
+/// Sends a `method` request with `body` to `http://addr/path` on a fresh connection
+/// (`connection: close`) and reads the whole response.
+pub async fn send(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> RawResponse {
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to router");
     stream
-        .write_all(request_head(addr, path, headers, body.len() as u64).as_bytes())
+        .write_all(request_head(addr, method, path, headers, body.len() as u64).as_bytes())
         .await
         .expect("write request head");
     stream.write_all(body).await.expect("write request body");
@@ -123,15 +135,22 @@ pub async fn post_head_only(
 ) -> RawResponse {
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to router");
     stream
-        .write_all(request_head(addr, path, headers, content_length).as_bytes())
+        .write_all(request_head(addr, "POST", path, headers, content_length).as_bytes())
         .await
         .expect("write request head");
     read_response(&mut stream).await
 }
 
-fn request_head(addr: std::net::SocketAddr, path: &str, headers: &[(&str, &str)], content_length: u64) -> String {
-    let mut head =
-        format!("POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-length: {content_length}\r\nconnection: close\r\n");
+fn request_head(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    content_length: u64,
+) -> String {
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-length: {content_length}\r\nconnection: close\r\n"
+    );
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
