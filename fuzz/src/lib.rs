@@ -17,7 +17,7 @@ use arbitrary::{Arbitrary, Unstructured};
 use bytes::Bytes;
 use http::HeaderValue;
 use tower_idempotency::http::{
-    DispatchRules, DispatchTarget, ExtractError, GitHubDispatchKey, GitLabDispatchKey, HttpKeyExtractor, JsonResponses,
+    AllEvents, DispatchRules, DispatchTarget, ExtractError, GitHubDispatchKey, GitLabDispatchKey, HttpKeyExtractor, JsonResponses,
     ShortCircuitResponse,
 };
 use tower_idempotency::{IdempotencyKey, KeyError, MAX_KEY_LEN};
@@ -307,7 +307,7 @@ const DELIVERY: &[u8] = b"72d3162e-cc78-11e3-81ab-4c9367dc0958";
 pub fn github_webhook(data: &[u8]) -> Tally {
     let mut tally = Tally::default();
     let body = Bytes::copy_from_slice(data);
-    let all = GitHubDispatchKey::new();
+    let all = GitHubDispatchKey::new().with_filter(AllEvents);
     let rules = GitHubDispatchKey::new().with_filter(
         DispatchRules::new()
             .allow("check_suite", Some("completed"), Some("success"))
@@ -345,7 +345,7 @@ pub fn github_webhook(data: &[u8]) -> Tally {
 pub fn gitlab_webhook(data: &[u8]) -> Tally {
     let mut tally = Tally::default();
     let body = Bytes::copy_from_slice(data);
-    let all = GitLabDispatchKey::new();
+    let all = GitLabDispatchKey::new().with_filter(AllEvents);
     let rules = GitLabDispatchKey::new().with_filter(
         DispatchRules::new()
             .allow("merge_request", Some("open"), None)
