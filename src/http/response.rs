@@ -120,6 +120,12 @@ pub trait ShortCircuitResponse {
 /// let down = JsonResponses::new().unavailable();
 /// assert_eq!(down.status(), StatusCode::SERVICE_UNAVAILABLE);
 /// assert_eq!(down.headers()["retry-after"], "5");
+///
+/// let error = std::io::Error::other("`x-hub-signature-256` does not match");
+/// let refused = JsonResponses::new().unauthorized(&error);
+/// assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+/// assert!(!refused.headers().contains_key("www-authenticate"));
+/// assert_eq!(JsonResponses::new().unsupported_media_type(&error).status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct JsonResponses {

@@ -256,12 +256,33 @@ pub struct GitHubSignature {
 
 impl GitHubSignature {
     /// Checks signatures made with `secret`; an empty secret is refused.
+    ///
+    /// ```
+    /// use tower_idempotency::http::{GitHubSignature, SecretError};
+    ///
+    /// // E.g. from `GITHUB_WEBHOOK_SECRET`, which may be set but empty.
+    /// let secret = std::env::var("EXAMPLE_UNSET_SECRET").unwrap_or_default();
+    /// assert_eq!(GitHubSignature::try_new(secret).unwrap_err(), SecretError::Empty { index: 0 });
+    /// assert!(GitHubSignature::try_new("s3cret").is_ok());
+    /// ```
     pub fn try_new(secret: impl AsRef<[u8]>) -> Result<Self, SecretError> {
         Self::try_from_secrets([secret])
     }
 
     /// Accepts signatures made with any of `secrets` (to rotate a secret: configure the new and
     /// the old one, then drop the old one). Refused: no secret at all, or an empty one.
+    ///
+    /// ```
+    /// use tower_idempotency::http::{GitHubSignature, SecretError};
+    ///
+    /// let rotating = GitHubSignature::try_from_secrets(["new secret", "old secret"])?;
+    /// assert_eq!(rotating.secret_count(), 2);
+    /// assert_eq!(
+    ///     GitHubSignature::try_from_secrets(Vec::<String>::new()).unwrap_err(),
+    ///     SecretError::None
+    /// );
+    /// # Ok::<(), SecretError>(())
+    /// ```
     pub fn try_from_secrets<T: AsRef<[u8]>>(secrets: impl IntoIterator<Item = T>) -> Result<Self, SecretError> {
         Ok(Self {
             secrets: Arc::from(checked_secrets(secrets)?),
@@ -384,12 +405,28 @@ pub struct GitLabToken {
 
 impl GitLabToken {
     /// Accepts requests whose `X-Gitlab-Token` equals `token`; an empty token is refused.
+    ///
+    /// ```
+    /// use tower_idempotency::http::{GitLabToken, SecretError};
+    ///
+    /// assert_eq!(GitLabToken::try_new("").unwrap_err(), SecretError::Empty { index: 0 });
+    /// assert_eq!(GitLabToken::try_new("s3cret")?.token_count(), 1);
+    /// # Ok::<(), SecretError>(())
+    /// ```
     pub fn try_new(token: impl AsRef<[u8]>) -> Result<Self, SecretError> {
         Self::try_from_tokens([token])
     }
 
     /// Accepts requests whose `X-Gitlab-Token` equals any of `tokens` (rotation). Refused: no
     /// token at all, or an empty one.
+    ///
+    /// ```
+    /// use tower_idempotency::http::{GitLabToken, SecretError};
+    ///
+    /// assert_eq!(GitLabToken::try_from_tokens(["new", "old"])?.token_count(), 2);
+    /// assert_eq!(GitLabToken::try_from_tokens(["new", ""]).unwrap_err(), SecretError::Empty { index: 1 });
+    /// # Ok::<(), SecretError>(())
+    /// ```
     pub fn try_from_tokens<T: AsRef<[u8]>>(tokens: impl IntoIterator<Item = T>) -> Result<Self, SecretError> {
         let digests: Vec<[u8; 32]> = checked_secrets(tokens)?
             .iter()
