@@ -1,5 +1,5 @@
-//! The HTTP response future: check the head, buffer the body, check, extract, then drive the core future and
-//! turn its short-circuits into responses.
+//! The HTTP response future: check the head, buffer the body, check, extract, then drive the
+//! core future and turn its short-circuits into responses.
 
 use std::fmt;
 use std::future::Future;
@@ -26,9 +26,10 @@ use crate::{ClassifyOutcome, Idempotency, IdempotencyError};
 /// Response future of [`HttpIdempotency`](super::HttpIdempotency).
 ///
 /// A state machine: the head is checked first (signature header or token, then a declared
-/// `Content-Length` over the limit), before a byte of the body is read; then `Buffering` (read the
-/// body up to the limit) → checks and extraction, done at once → `Claiming` (the core [`ResponseFuture`](crate::ResponseFuture): claim, call the
-/// handler, keep or release) → response. A short-circuit at any step ends in `Answered`. When
+/// `Content-Length` over the limit), before a byte of the body is read; then `Buffering` (read
+/// the body up to the limit) → checks and extraction, done at once → `Claiming` (the core
+/// [`ResponseFuture`](crate::ResponseFuture): claim, call the handler, keep or release) →
+/// response. A short-circuit at any step ends in `Answered`. When
 /// neither the extractor nor the verifier reads the body, `Buffering` is skipped.
 ///
 /// Dropping it before the claim settles is handled by the core future (see its docs).
