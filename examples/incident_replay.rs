@@ -37,6 +37,9 @@ use redis::AsyncCommands;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PROJECT: &str = "octo-org/octo-repo";
+/// `repository.id` of `PROJECT`: GitHub lists a suite's pull requests with their base
+/// repository's id, and the router keys only the event repository's own pull request.
+const REPOSITORY_ID: u64 = 300_029_405;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum StoreKind {
@@ -519,9 +522,9 @@ fn check_suite(pr: u64, sha: &str) -> (&'static str, String) {
         "action": "completed",
         "check_suite": {
             "head_sha": sha, "head_branch": "feature", "status": "completed", "conclusion": "success",
-            "pull_requests": [{ "number": pr }]
+            "pull_requests": [{ "number": pr, "head": { "sha": sha }, "base": { "repo": { "id": REPOSITORY_ID } } }]
         },
-        "repository": { "full_name": PROJECT }
+        "repository": { "id": REPOSITORY_ID, "full_name": PROJECT }
     });
     ("check_suite", body.to_string())
 }

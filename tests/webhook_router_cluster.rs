@@ -70,7 +70,7 @@ async fn router_on_a_cluster_dispatches_each_key_once() {
     }
     assert_eq!(cluster.cli(&["XLEN", "reviews"]), "2");
     for (i, sha) in shas.iter().enumerate() {
-        let key = format!("github-dispatch:Codertocat/Hello-World:{}:{sha}", 2 + i);
+        let key = format!("github-dispatch:codertocat/hello-world:{}:{sha}", 2 + i);
         assert_eq!(cluster.cli(&["EXISTS", &key]), "1", "claim {key} lives in the cluster");
     }
 }

@@ -44,10 +44,10 @@ fn deliveries() -> (Vec<(String, String, String)>, BTreeSet<Triple>) {
     let mut out = Vec::new();
     let mut triples = BTreeSet::new();
     for pr in 1..=PULL_REQUESTS {
-        let project = if pr % 2 == 0 {
-            "octo-org/octo-repo"
+        let (project, repository_id) = if pr % 2 == 0 {
+            ("octo-org/octo-repo", 300_029_405)
         } else {
-            "Codertocat/Hello-World"
+            ("Codertocat/Hello-World", 186_853_002)
         };
         for n in 0..SHAS_PER_PR {
             let sha = sha(pr, n);
@@ -69,7 +69,7 @@ fn deliveries() -> (Vec<(String, String, String)>, BTreeSet<Triple>) {
                     "check_suite".to_owned(),
                     format!("suite-{app}-{tag}"),
                     format!(
-                        r#"{{"action":"completed","repository":{{"full_name":"{project}"}},"check_suite":{{"head_sha":"{sha}","head_branch":"feature","conclusion":"success","app":{{"slug":"{app}"}},"pull_requests":[{{"number":{pr}}}]}}}}"#
+                        r#"{{"action":"completed","repository":{{"id":{repository_id},"full_name":"{project}"}},"check_suite":{{"head_sha":"{sha}","head_branch":"feature","conclusion":"success","app":{{"slug":"{app}"}},"pull_requests":[{{"number":{pr},"head":{{"sha":"{sha}"}},"base":{{"repo":{{"id":{repository_id}}}}}}}]}}}}"#
                     ),
                 ));
             }
@@ -86,7 +86,7 @@ fn deliveries() -> (Vec<(String, String, String)>, BTreeSet<Triple>) {
                 "check_suite".to_owned(),
                 format!("requested-{tag}"),
                 format!(
-                    r#"{{"action":"requested","repository":{{"full_name":"{project}"}},"check_suite":{{"head_sha":"{sha}","conclusion":null,"pull_requests":[{{"number":{pr}}}]}}}}"#
+                    r#"{{"action":"requested","repository":{{"id":{repository_id},"full_name":"{project}"}},"check_suite":{{"head_sha":"{sha}","conclusion":null,"pull_requests":[{{"number":{pr},"base":{{"repo":{{"id":{repository_id}}}}}}}]}}}}"#
                 ),
             ));
             out.push((

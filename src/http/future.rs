@@ -1,5 +1,5 @@
-//! The HTTP response future: buffer the body, check, extract, then drive the core future and
-//! turn its short-circuits into responses.
+//! The HTTP response future: check the head, buffer the body, check, extract, then drive the
+//! core future and turn its short-circuits into responses.
 
 use std::fmt;
 use std::future::Future;
@@ -26,9 +26,11 @@ use crate::{ClassifyOutcome, IdempotencyError, IdempotencyKey};
 
 /// Response future of [`HttpIdempotency`](super::HttpIdempotency).
 ///
-/// A state machine: `Buffering` (read the body up to the limit) → checks and extraction, done
-/// at once → `Claiming` (the core [`ResponseFuture`](crate::ResponseFuture): claim, call the
-/// handler, keep or release) → response. A short-circuit at any step ends in `Answered`. When
+/// A state machine: the head is checked first (signature header or token, then a declared
+/// `Content-Length` over the limit), before a byte of the body is read; then `Buffering` (read
+/// the body up to the limit) → checks and extraction, done at once → `Claiming` (the core
+/// [`ResponseFuture`](crate::ResponseFuture): claim, call the handler, keep or release) →
+/// response. A short-circuit at any step ends in `Answered`. When
 /// neither the extractor nor the verifier reads the body, `Buffering` is skipped.
 ///
 /// Dropping it before the claim settles is handled by the core future (see its docs).
@@ -116,6 +118,12 @@ where
                     pending.classifier,
                 ),
             }
+        } else if let Err(error) = front.verifier.verify_head(&parts) {
+            // Authentication comes first, from the head alone: not a byte of the body is read
+            // for a request that cannot be authentic.
+            State::Answered {
+                response: Some(unauthenticated(&front, &error)),
+            }
         } else if !front.needs_body() {
             match reject(&front, &mut parts, &Bytes::new()) {
                 Ok(key) => start(pending, Request::from_parts(parts, body), key, &protocol),
@@ -123,7 +131,9 @@ where
                     response: Some(rejection),
                 },
             }
-        } else if body.size_hint().lower() > front.body_limit as u64 {
+        } else if declared_length(&parts).is_some_and(|len| len > front.body_limit as u64)
+            || body.size_hint().lower() > front.body_limit as u64
+        {
             // Content-Length already says it is too large: do not read it.
             State::Answered {
                 response: Some(too_large(&front)),
@@ -160,6 +170,27 @@ where
     State::Claiming { fut }
 }
 
+/// The `Content-Length` the client declared, if it is one valid number.
+fn declared_length(parts: &Parts) -> Option<u64> {
+    parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The answer to a request the verifier refused; nothing was claimed.
+fn unauthenticated<X, V, R: ShortCircuitResponse>(
+    front: &Front<X, V, R>,
+    error: &(dyn std::error::Error + 'static),
+) -> Response<Bytes> {
+    tracing::warn!(outcome = "unauthorized", error = %Chain(error), "rejected: signature check failed; nothing claimed");
+    front.responses.unauthorized(error)
+}
+
 /// Signature check, then key extraction. Returns the key to claim (`None`: pass through), or
 /// the rejection's response. The key is also put in the extensions, for the handler.
 #[allow(clippy::result_large_err)] // the rejection is the response itself, answered at once
@@ -174,8 +205,7 @@ where
     R: ShortCircuitResponse,
 {
     if let Err(error) = front.verifier.verify(parts, body) {
-        tracing::warn!(outcome = "unauthorized", error = %Chain(&error), "rejected: signature check failed; nothing claimed");
-        return Err(front.responses.unauthorized(&error));
+        return Err(unauthenticated(front, &error));
     }
     match front.extractor.extract(parts, body) {
         Ok(Some(key)) => {
@@ -188,6 +218,13 @@ where
             Ok(None)
         }
         Err(error) => {
+            let unsupported = (&error as &(dyn std::error::Error + 'static))
+                .downcast_ref::<ExtractError>()
+                .is_some_and(|e| matches!(e, ExtractError::UnsupportedContentType { .. }));
+            if unsupported {
+                tracing::info!(outcome = "unsupported_media_type", error = %Chain(&error), "rejected: body is not JSON; nothing claimed");
+                return Err(front.responses.unsupported_media_type(&error));
+            }
             tracing::info!(outcome = "invalid", error = %Chain(&error), "rejected: no valid idempotency key; nothing claimed");
             Err(front.responses.invalid(&error))
         }

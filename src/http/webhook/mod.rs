@@ -8,7 +8,9 @@
 //! Only events that will dispatch may take a claim: a claim taken by an event that then does
 //! nothing blocks the real trigger that follows it for the whole TTL. A [`DispatchFilter`] on
 //! (event, action, conclusion) therefore runs before the claim; events it rejects, and events
-//! that name no pull request, pass through unclaimed (logged at `debug`).
+//! that name no pull request, pass through unclaimed (logged at `debug`). The extractors'
+//! default filter is the empty [`DispatchRules`]: nothing dispatches until rules say what does,
+//! so the webhook presets never claim for an event nobody asked to dispatch.
 
 use std::fmt;
 
@@ -67,7 +69,7 @@ pub struct DispatchTarget {
 /// | provider | `event` | `action` | `conclusion` |
 /// |---|---|---|---|
 /// | GitHub | `X-GitHub-Event` | `.action` | `check_suite` / `check_run` / `workflow_run`: `.conclusion`; `pull_request_review`: `.review.state` |
-/// | GitLab | `merge_request`, `pipeline`, `note` (from `X-Gitlab-Event`) | `.object_attributes.action` | `pipeline`: `.object_attributes.status` |
+/// | GitLab | `merge_request`, `pipeline`, `note` (from `X-Gitlab-Event`) | `.object_attributes.action` | `pipeline`: `.object_attributes.status`; `merge_request`: `new_commits` when the hook reports pushed commits (`.object_attributes.oldrev` present), else none |
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct WebhookEvent<'a> {
@@ -198,6 +200,26 @@ impl DispatchFilter for DispatchRules {
                 && matches(&rule.conclusion, event.conclusion)
         })
     }
+}
+
+/// Refuses a body whose `Content-Type` says it is not JSON. GitHub can be configured to send
+/// `application/x-www-form-urlencoded` (the JSON in a `payload` field); answering `400` to that
+/// while `ping` (whose body is never read) answers `200` would make a hook look healthy while
+/// every dispatching delivery fails. So every delivery with a non-JSON content type, `ping`
+/// included, is refused with `415`, whose message says what to set. An absent `Content-Type` is
+/// read as JSON.
+fn require_json(parts: &Parts) -> Result<(), ExtractError> {
+    let Some(value) = parts.headers.get(http::header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let text = String::from_utf8_lossy(value.as_bytes());
+    let media_type = text.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    if media_type == "application/json" || media_type.ends_with("+json") {
+        return Ok(());
+    }
+    Err(ExtractError::UnsupportedContentType {
+        content_type: quoted(&text),
+    })
 }
 
 /// The value of a header that identifies the event, as text.
