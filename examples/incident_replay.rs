@@ -433,7 +433,7 @@ async fn scenario(url: &str, run: &str, store: StoreKind, args: &Args) -> Result
                 let (event, body) = if t % 2 == 0 {
                     check_suite(pr, &sha)
                 } else {
-                    review_requested(pr, &sha)
+                    workflow_run(pr, &sha)
                 };
                 post_webhook(
                     &addr,
@@ -529,14 +529,17 @@ fn check_suite(pr: u64, sha: &str) -> (&'static str, String) {
     ("check_suite", body.to_string())
 }
 
-fn review_requested(pr: u64, sha: &str) -> (&'static str, String) {
+fn workflow_run(pr: u64, sha: &str) -> (&'static str, String) {
     let body = serde_json::json!({
-        "action": "review_requested",
-        "number": pr,
-        "pull_request": { "number": pr, "head": { "sha": sha } },
-        "repository": { "full_name": PROJECT }
+        "action": "completed",
+        "workflow_run": {
+            "head_sha": sha,
+            "conclusion": "success",
+            "pull_requests": [{ "number": pr, "head": { "sha": sha }, "base": { "repo": { "id": REPOSITORY_ID } } }]
+        },
+        "repository": { "id": REPOSITORY_ID, "full_name": PROJECT }
     });
-    ("pull_request", body.to_string())
+    ("workflow_run", body.to_string())
 }
 
 /// A minimal HTTP/1.1 POST; returns the status code.

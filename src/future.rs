@@ -91,18 +91,19 @@ impl<S, Req, C> ResponseFuture<S, Req, C>
 where
     S: Service<Req>,
 {
-    /// Claims `key` (as `owner`, when the caller has a stable identity for the job), then calls
-    /// `inner` if the protocol says so.
+    /// Claims `key` (as `owner`, when the caller has a stable identity for the job; as an
+    /// override with identity `takeover`), then calls `inner` if the protocol says so.
     pub(crate) fn claim(
         inner: S,
         req: Req,
         key: IdempotencyKey,
         owner: Option<ClaimToken>,
+        takeover: Option<&str>,
         protocol: &Arc<Protocol>,
         classifier: C,
     ) -> Self {
         let span = tracing::info_span!("idempotency", key = %key);
-        let claiming = span.in_scope(|| protocol.begin(key, owner));
+        let claiming = span.in_scope(|| protocol.begin(key, owner, takeover));
         Self {
             state: State::Claiming {
                 claiming,

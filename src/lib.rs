@@ -66,7 +66,7 @@ pub mod store;
 
 pub use classify::{ClassifyOutcome, DefaultClassifier, Settle};
 pub use error::IdempotencyError;
-pub use extract::{BoxError, KeyExtractor, WithOwner};
+pub use extract::{BoxError, KeyExtractor, WithOverride, WithOwner};
 pub use future::ResponseFuture;
 pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
 pub use layer::IdempotencyLayer;

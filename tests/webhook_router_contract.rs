@@ -108,11 +108,15 @@ async fn duplicates_across_events_and_deliveries_are_200_with_the_duplicate_body
     let server = RedisServer::start();
     let app = router(&server, |_| {}).await;
 
-    let (status, _) = send(&app, github_delivery("pull_request", "d-1", review_requested(2, SHA))).await;
+    let (status, _) = send(
+        &app,
+        github_delivery("check_suite", "d-1", check_suite("completed", "success", 2, SHA)),
+    )
+    .await;
     assert_eq!(status, 202);
-    // GitHub's redelivery, and a different event about the same (repository, PR, SHA).
+    // GitHub's redelivery, and another automated event about the same (repository, PR, SHA).
     for request in [
-        github_delivery("pull_request", "d-1", review_requested(2, SHA)),
+        github_delivery("check_suite", "d-1", check_suite("completed", "success", 2, SHA)),
         github_delivery("check_suite", "d-2", check_suite("completed", "success", 2, SHA)),
     ] {
         let response = app.clone().oneshot(request).await.unwrap();

@@ -1,8 +1,9 @@
 //! End to end: two instances of the reference webhook router, each with its own Redis
 //! connection, serve HTTP on their own ports and receive the same signed deliveries
-//! concurrently (several deliveries per (repository, PR, head SHA): `pull_request
-//! review_requested`, one `check_suite completed` per CI app, `workflow_run completed`, and
-//! GitHub's redeliveries). Exactly one stream entry per (repository, PR, SHA) must result.
+//! concurrently (several automated deliveries per (repository, PR, head SHA): one `check_suite
+//! completed` per CI app, `workflow_run completed`, and GitHub's redeliveries). Exactly one
+//! stream entry per (repository, PR, SHA) must result. (`pull_request review_requested` is a
+//! human override with its own rules: tests/webhook_override.rs.)
 //!
 //! The control run gives each instance its own in-memory store (the per-process map of the
 //! incident): then every triple is dispatched once per instance, which the same check catches.
@@ -57,13 +58,6 @@ fn deliveries() -> (Vec<(String, String, String)>, BTreeSet<Triple>) {
                 sha: sha.clone(),
             });
             let tag = format!("{pr}-{n}");
-            out.push((
-                "pull_request".to_owned(),
-                format!("pr-{tag}"),
-                format!(
-                    r#"{{"action":"review_requested","number":{pr},"repository":{{"full_name":"{project}"}},"pull_request":{{"number":{pr},"head":{{"sha":"{sha}"}}}}}}"#
-                ),
-            ));
             for app in ["ci-one", "ci-two"] {
                 out.push((
                     "check_suite".to_owned(),

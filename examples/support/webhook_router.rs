@@ -34,7 +34,12 @@
 //!
 //! Dispatching events:
 //! - GitHub: `check_suite` completed with conclusion `success`, `workflow_run` completed with
-//!   conclusion `success`, `pull_request` `review_requested`.
+//!   conclusion `success` (automated triggers: one review per (repository, PR, head SHA)), and
+//!   `pull_request` `review_requested` — a **human override**: a person's review request takes
+//!   the key over even while the automated claim holds it and dispatches a fresh review of the
+//!   same commit, once per delivery (`X-GitHub-Delivery`, scoped by `X-GitHub-Hook-ID`); after
+//!   it, automated triggers for that commit are still duplicates. An override never uses up the
+//!   automated dispatch: if it comes first, the automated trigger still dispatches once.
 //! - GitLab: `Merge Request Hook` `open`, and `update` that pushed commits
 //!   (`object_attributes.oldrev` present); `Pipeline Hook` of a merge-request pipeline with
 //!   status `success` — with `--detached-pipelines` only. Without it, merge-request pipelines
@@ -444,7 +449,7 @@ pub fn dispatch_rules() -> DispatchRules {
     DispatchRules::new()
         .allow("check_suite", Some("completed"), Some("success"))
         .allow("workflow_run", Some("completed"), Some("success"))
-        .allow("pull_request", Some("review_requested"), None)
+        .allow_override("pull_request", Some("review_requested"), None)
 }
 
 /// The GitLab events that dispatch a review: a merge request opened, or updated with new

@@ -18,6 +18,7 @@ use tower::Service;
 
 use super::extract::ExtractError;
 use super::service::Front;
+use super::webhook::OverrideTrigger;
 use super::{HttpKeyExtractor, ShortCircuitResponse, VerifyRequest};
 use crate::extract::BoxError;
 use crate::future::{Chain, polled_after_completion};
@@ -126,7 +127,7 @@ where
             }
         } else if !front.needs_body() {
             match reject(&front, &mut parts, &Bytes::new()) {
-                Ok(key) => start(pending, Request::from_parts(parts, body), key, &protocol),
+                Ok(claim) => start(pending, Request::from_parts(parts, body), claim, &protocol),
                 Err(rejection) => State::Answered {
                     response: Some(rejection),
                 },
@@ -154,7 +155,7 @@ where
 fn start<S, B, C>(
     pending: Pending<S, C>,
     req: Request<B>,
-    key: Option<IdempotencyKey>,
+    claim: Option<Claim>,
     protocol: &Arc<Protocol>,
 ) -> State<S, B, C>
 where
@@ -163,11 +164,20 @@ where
     B::Error: Into<BoxError>,
 {
     let Pending { inner, classifier } = pending;
-    let fut = match key {
-        Some(key) => crate::ResponseFuture::claim(inner, req, key, None, protocol, classifier),
+    let fut = match claim {
+        Some(Claim { key, takeover }) => {
+            crate::ResponseFuture::claim(inner, req, key, None, takeover.as_deref(), protocol, classifier)
+        }
         None => crate::ResponseFuture::pass_through(inner, req, classifier),
     };
     State::Claiming { fut }
+}
+
+/// What the checks found to claim: the key, and an override's identity when the extractor
+/// marked the request as one.
+struct Claim {
+    key: IdempotencyKey,
+    takeover: Option<String>,
 }
 
 /// The `Content-Length` the client declared, if it is one valid number.
@@ -191,14 +201,10 @@ fn unauthenticated<X, V, R: ShortCircuitResponse>(
     front.responses.unauthorized(error)
 }
 
-/// Signature check, then key extraction. Returns the key to claim (`None`: pass through), or
-/// the rejection's response. The key is also put in the extensions, for the handler.
+/// Signature check, then key extraction. Returns what to claim (`None`: pass through), or the
+/// rejection's response. The key is also put in the extensions, for the handler.
 #[allow(clippy::result_large_err)] // the rejection is the response itself, answered at once
-fn reject<X, V, R>(
-    front: &Front<X, V, R>,
-    parts: &mut Parts,
-    body: &Bytes,
-) -> Result<Option<IdempotencyKey>, Response<Bytes>>
+fn reject<X, V, R>(front: &Front<X, V, R>, parts: &mut Parts, body: &Bytes) -> Result<Option<Claim>, Response<Bytes>>
 where
     X: HttpKeyExtractor,
     V: VerifyRequest,
@@ -207,10 +213,13 @@ where
     if let Err(error) = front.verifier.verify(parts, body) {
         return Err(unauthenticated(front, &error));
     }
+    // Only the extractor may mark this request as an override (not an outer layer).
+    parts.extensions.remove::<OverrideTrigger>();
     match front.extractor.extract(parts, body) {
         Ok(Some(key)) => {
             parts.extensions.insert(key.clone());
-            Ok(Some(key))
+            let takeover = parts.extensions.get::<OverrideTrigger>().map(|o| o.identity.clone());
+            Ok(Some(Claim { key, takeover }))
         }
         Ok(None) => {
             // A key left by an outer layer must not look claimed to the handler.
@@ -270,9 +279,12 @@ where
                         Ok(collected) => {
                             let bytes = collected.to_bytes();
                             match reject(this.front, &mut parts, &bytes) {
-                                Ok(key) => {
-                                    start(pending, Request::from_parts(parts, B::from(bytes)), key, this.protocol)
-                                }
+                                Ok(claim) => start(
+                                    pending,
+                                    Request::from_parts(parts, B::from(bytes)),
+                                    claim,
+                                    this.protocol,
+                                ),
                                 Err(rejection) => State::Answered {
                                     response: Some(rejection),
                                 },

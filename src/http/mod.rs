@@ -134,5 +134,6 @@ pub use response::{DEFAULT_RETRY_AFTER, IDEMPOTENCY_STATUS, JsonResponses, Short
 pub use service::HttpIdempotency;
 pub use signature::{GitHubSignature, GitLabToken, NoVerification, SecretError, SignatureError, VerifyRequest};
 pub use webhook::{
-    AllEvents, DispatchFilter, DispatchRules, DispatchTarget, GitHubDispatchKey, GitLabDispatchKey, WebhookEvent,
+    AllEvents, DispatchFilter, DispatchRules, DispatchTarget, GitHubDispatchKey, GitLabDispatchKey, OverrideTrigger,
+    WebhookEvent,
 };

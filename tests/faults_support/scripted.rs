@@ -133,4 +133,8 @@ impl<S: IdempotencyStore> IdempotencyStore for ScriptedStore<S> {
     fn max_ttl(&self) -> Duration {
         self.inner.max_ttl()
     }
+
+    async fn take_over(&self, key: &str, token: &ClaimToken, ttl: Duration) -> Result<bool, StoreError> {
+        self.inner.take_over(key, token, ttl).await
+    }
 }
