@@ -17,6 +17,7 @@ use pin_project::pin_project;
 use tower::Service;
 
 use super::extract::ExtractError;
+use super::pre_claim::{PreClaim, PreClaimFuture};
 use super::service::Front;
 use super::webhook::OverrideTrigger;
 use super::{HttpKeyExtractor, ShortCircuitResponse, VerifyRequest};
@@ -29,9 +30,10 @@ use crate::{ClassifyOutcome, IdempotencyError, IdempotencyKey};
 ///
 /// A state machine: the head is checked first (signature header or token, then a declared
 /// `Content-Length` over the limit), before a byte of the body is read; then `Buffering` (read
-/// the body up to the limit) → checks and extraction, done at once → `Claiming` (the core
-/// [`ResponseFuture`](crate::ResponseFuture): claim, call the handler, keep or release) →
-/// response. A short-circuit at any step ends in `Answered`. When
+/// the body up to the limit) → checks and extraction, done at once → `Checking` (the
+/// [pre-claim check](super::PreClaimCheck), when configured; nothing is claimed yet) →
+/// `Claiming` (the core [`ResponseFuture`](crate::ResponseFuture), driving the claim protocol
+/// directly: claim, call the handler, keep or release) → response. A short-circuit at any step ends in `Answered`. When
 /// neither the extractor nor the verifier reads the body, `Buffering` is skipped.
 ///
 /// Dropping it before the claim settles is handled by the core future (see its docs).
@@ -67,6 +69,12 @@ where
         parts: Option<Parts>,
         pending: Option<Pending<S, C>>,
     },
+    Checking {
+        check: PreClaimFuture,
+        req: Option<Request<B>>,
+        claim: Option<Claim>,
+        pending: Option<Pending<S, C>>,
+    },
     Claiming {
         #[pin]
         fut: crate::ResponseFuture<S, Request<B>, C>,
@@ -85,6 +93,7 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Buffering { .. } => "buffering",
+            State::Checking { .. } => "checking",
             State::Claiming { .. } => "claiming",
             State::Answered { .. } => "answered",
         };
@@ -127,7 +136,7 @@ where
             }
         } else if !front.needs_body() {
             match reject(&front, &mut parts, &Bytes::new()) {
-                Ok(claim) => start(pending, Request::from_parts(parts, body), claim, &protocol),
+                Ok(claim) => proceed(&front, pending, parts, body, claim, &protocol),
                 Err(rejection) => State::Answered {
                     response: Some(rejection),
                 },
@@ -171,6 +180,32 @@ where
         None => crate::ResponseFuture::pass_through(inner, req, classifier),
     };
     State::Claiming { fut }
+}
+
+/// After extraction: the pre-claim check first, when there is one and a key to claim; else
+/// straight to the claim (or the pass-through).
+fn proceed<S, B, C, X, V, R>(
+    front: &Front<X, V, R>,
+    pending: Pending<S, C>,
+    parts: Parts,
+    body: B,
+    claim: Option<Claim>,
+    protocol: &Arc<Protocol>,
+) -> State<S, B, C>
+where
+    S: Service<Request<B>>,
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    match (&front.pre_claim, claim) {
+        (Some(check), Some(claim)) => State::Checking {
+            check: check.check(&parts, &claim.key),
+            req: Some(Request::from_parts(parts, body)),
+            claim: Some(claim),
+            pending: Some(pending),
+        },
+        (_, claim) => start(pending, Request::from_parts(parts, body), claim, protocol),
+    }
 }
 
 /// What the checks found to claim: the key, and an override's identity when the extractor
@@ -279,12 +314,7 @@ where
                         Ok(collected) => {
                             let bytes = collected.to_bytes();
                             match reject(this.front, &mut parts, &bytes) {
-                                Ok(claim) => start(
-                                    pending,
-                                    Request::from_parts(parts, B::from(bytes)),
-                                    claim,
-                                    this.protocol,
-                                ),
+                                Ok(claim) => proceed(this.front, pending, parts, B::from(bytes), claim, this.protocol),
                                 Err(rejection) => State::Answered {
                                     response: Some(rejection),
                                 },
@@ -298,6 +328,32 @@ where
                             tracing::info!(outcome = "invalid", error = %Chain(&error), "rejected: body unreadable; nothing claimed");
                             State::Answered {
                                 response: Some(this.front.responses.invalid(&error)),
+                            }
+                        }
+                    };
+                    this.state.set(next);
+                }
+                StateProj::Checking {
+                    check,
+                    req,
+                    claim,
+                    pending,
+                } => {
+                    let decision = ready!(check.as_mut().poll(cx));
+                    let (Some(mut req), Some(claim), Some(pending)) = (req.take(), claim.take(), pending.take()) else {
+                        polled_after_completion()
+                    };
+                    let next = match decision {
+                        PreClaim::Claim => start(pending, req, Some(claim), this.protocol),
+                        PreClaim::Ignore => {
+                            tracing::info!(key = %claim.key, outcome = "ignored", "pre-claim check: not a job; passing through unclaimed");
+                            req.extensions_mut().remove::<IdempotencyKey>();
+                            start(pending, req, None, this.protocol)
+                        }
+                        PreClaim::Defer => {
+                            tracing::info!(key = %claim.key, outcome = "deferred", "pre-claim check deferred the request; nothing claimed");
+                            State::Answered {
+                                response: Some(this.front.responses.deferred(&claim.key)),
                             }
                         }
                     };

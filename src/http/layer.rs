@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tower::Layer;
 
 use super::classify::HttpClassifier;
+use super::pre_claim::PreClaimCheck;
 use super::response::JsonResponses;
 use super::service::{Front, HttpIdempotency};
 use super::signature::{GitHubSignature, GitLabToken, NoVerification, SecretError};
@@ -62,6 +63,7 @@ pub struct HttpIdempotencyLayer<X, V = NoVerification, C = HttpClassifier, R = J
     verifier: V,
     responses: R,
     body_limit: usize,
+    pre_claim: Option<Arc<dyn PreClaimCheck>>,
 }
 
 impl<X: Clone, V: Clone, C: Clone, R: Clone> Clone for HttpIdempotencyLayer<X, V, C, R> {
@@ -73,6 +75,7 @@ impl<X: Clone, V: Clone, C: Clone, R: Clone> Clone for HttpIdempotencyLayer<X, V
             verifier: self.verifier.clone(),
             responses: self.responses.clone(),
             body_limit: self.body_limit,
+            pre_claim: self.pre_claim.clone(),
         }
     }
 }
@@ -117,6 +120,7 @@ impl<X> HttpIdempotencyLayer<X> {
             verifier: NoVerification,
             responses: JsonResponses::new(),
             body_limit: DEFAULT_BODY_LIMIT,
+            pre_claim: None,
         }
     }
 }
@@ -178,6 +182,7 @@ impl<X, V, C, R> HttpIdempotencyLayer<X, V, C, R> {
             verifier: self.verifier,
             responses: self.responses,
             body_limit: self.body_limit,
+            pre_claim: self.pre_claim,
         }
     }
 
@@ -191,6 +196,7 @@ impl<X, V, C, R> HttpIdempotencyLayer<X, V, C, R> {
             verifier,
             responses: self.responses,
             body_limit: self.body_limit,
+            pre_claim: self.pre_claim,
         }
     }
 
@@ -203,6 +209,7 @@ impl<X, V, C, R> HttpIdempotencyLayer<X, V, C, R> {
             verifier: self.verifier,
             responses,
             body_limit: self.body_limit,
+            pre_claim: self.pre_claim,
         }
     }
 
@@ -217,7 +224,42 @@ impl<X, V, C, R> HttpIdempotencyLayer<X, V, C, R> {
             verifier: self.verifier,
             responses: self.responses,
             body_limit: self.body_limit,
+            pre_claim: self.pre_claim,
         }
+    }
+
+    /// Runs `check` after the key is extracted and **before anything is claimed**: it decides
+    /// claim, ignore (pass through unclaimed) or defer (answer
+    /// [`deferred`](super::ShortCircuitResponse::deferred), take no claim). For checks that need
+    /// I/O — "are all of this commit's checks complete and green?" — so a delivery that defers
+    /// never holds the key while a concurrent, ready delivery for the same key arrives.
+    ///
+    /// ```
+    /// use axum::{Router, routing::post, http::StatusCode};
+    /// use tower_idempotency::MemoryStore;
+    /// use tower_idempotency::http::{DispatchRules, DispatchTarget, GitHubDispatchKey, HttpIdempotencyLayer, JsonResponses, PreClaim};
+    ///
+    /// async fn all_checks_green(_target: Option<DispatchTarget>) -> bool {
+    ///     true // e.g. GET /repos/{owner}/{repo}/commits/{sha}/check-runs
+    /// }
+    ///
+    /// let rules = DispatchRules::new().allow("check_suite", Some("completed"), Some("success"));
+    /// let layer = HttpIdempotencyLayer::new(MemoryStore::new(), GitHubDispatchKey::new().with_filter(rules))
+    ///     .with_responses(JsonResponses::webhook())
+    ///     .with_pre_claim(|parts: &http::request::Parts, _key: &tower_idempotency::IdempotencyKey| {
+    ///         let target = parts.extensions.get::<DispatchTarget>().cloned();
+    ///         async move {
+    ///             if all_checks_green(target).await { PreClaim::Claim } else { PreClaim::Defer }
+    ///         }
+    ///     });
+    /// let app: Router = Router::new()
+    ///     .route("/webhooks/github", post(|| async { StatusCode::ACCEPTED }))
+    ///     .route_layer(layer);
+    /// # let _ = app;
+    /// ```
+    pub fn with_pre_claim(mut self, check: impl PreClaimCheck) -> Self {
+        self.pre_claim = Some(Arc::new(check));
+        self
     }
 
     /// The largest body buffered, in bytes (default [`DEFAULT_BODY_LIMIT`]); a larger one is
@@ -264,6 +306,7 @@ impl<S, X: Clone, V: Clone, C: Clone, R: Clone> Layer<S> for HttpIdempotencyLaye
                 verifier: self.verifier.clone(),
                 responses: self.responses.clone(),
                 body_limit: self.body_limit,
+                pre_claim: self.pre_claim.clone(),
             }),
         )
     }

@@ -37,9 +37,10 @@
 //!
 //! signature or token header (`403`) → declared `Content-Length` over the limit (`413`) → body
 //! read up to the limit (`413`) → signature over the body (`403`) → content type (`415`) → key
-//! extraction and dispatch filter (`400`, or pass through unclaimed) → claim in the store
-//! (duplicate: `409`, or `200` with the webhook presets; store unavailable: `503`) → handler →
-//! keep or release the claim.
+//! extraction and dispatch filter (`400`, or pass through unclaimed) → the pre-claim check, if
+//! any ([`PreClaimCheck`]: claim, pass through unclaimed, or `200 deferred`) → claim in the
+//! store — an override ([`OverrideTrigger`]) takes the key over — (duplicate: `409`, or `200`
+//! with the webhook presets; store unavailable: `503`) → handler → keep or release the claim.
 //!
 //! # Keys and case
 //!
@@ -121,6 +122,7 @@ mod classify;
 mod extract;
 mod future;
 mod layer;
+mod pre_claim;
 mod response;
 mod service;
 mod signature;
@@ -130,6 +132,7 @@ pub use classify::{Blocked, HttpClassifier};
 pub use extract::{ExtractError, HeaderKey, HttpKeyExtractor};
 pub use future::ResponseFuture;
 pub use layer::{DEFAULT_BODY_LIMIT, HttpIdempotencyLayer};
+pub use pre_claim::{PreClaim, PreClaimCheck, PreClaimFuture};
 pub use response::{DEFAULT_RETRY_AFTER, IDEMPOTENCY_STATUS, JsonResponses, ShortCircuitResponse};
 pub use service::HttpIdempotency;
 pub use signature::{GitHubSignature, GitLabToken, NoVerification, SecretError, SignatureError, VerifyRequest};

@@ -89,6 +89,12 @@ pub trait ShortCircuitResponse {
     fn unsupported_media_type(&self, error: &(dyn Error + 'static)) -> Response<Bytes> {
         JsonResponses::new().unsupported_media_type(error)
     }
+
+    /// A [pre-claim check](super::PreClaimCheck) deferred the request for `key`: nothing was
+    /// claimed, the handler was not called.
+    fn deferred(&self, key: &IdempotencyKey) -> Response<Bytes> {
+        JsonResponses::new().deferred(key)
+    }
 }
 
 /// The default responses, JSON bodies:
@@ -102,6 +108,7 @@ pub trait ShortCircuitResponse {
 /// | body over the limit | `413` | `{"error":"…"}` |
 /// | bad signature or token (missing, malformed, wrong) | `403` | `{"error":"…"}` |
 /// | body not JSON by its content type (e.g. form-encoded) | `415` | `{"error":"…"}`, naming the content type to set |
+/// | deferred by a pre-claim check | `200` | `{"status":"deferred","key":"…"}` |
 ///
 /// ```
 /// use http::StatusCode;
@@ -225,6 +232,13 @@ impl ShortCircuitResponse for JsonResponses {
         json(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             error_body(&Chain(error).to_string()),
+        )
+    }
+
+    fn deferred(&self, key: &IdempotencyKey) -> Response<Bytes> {
+        json(
+            StatusCode::OK,
+            format!(r#"{{"status":"deferred","key":{}}}"#, quoted(key.as_str())),
         )
     }
 }

@@ -25,6 +25,7 @@ pub(crate) struct Front<X, V, R> {
     pub(crate) verifier: V,
     pub(crate) responses: R,
     pub(crate) body_limit: usize,
+    pub(crate) pre_claim: Option<Arc<dyn super::PreClaimCheck>>,
 }
 
 impl<X: HttpKeyExtractor, V: VerifyRequest, R> Front<X, V, R> {
