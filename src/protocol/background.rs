@@ -190,6 +190,7 @@ impl Background {
             let now = Instant::now();
             let mut state = self.lock();
             let State { jobs, pending, .. } = &mut *state;
+            let mut touched = std::collections::HashSet::new();
             for (key, token, answer) in answers {
                 let Some(job) = jobs.get_mut(&key) else { continue };
                 let Some(index) = job.items.iter().position(|i| i.token == token) else {
@@ -230,8 +231,16 @@ impl Background {
                     job.items.swap_remove(index);
                     *pending -= 1;
                 }
-                job.next = now + job.delay;
-                job.delay = (job.delay * 2).min(MAX_CHECK_INTERVAL);
+                touched.insert(key);
+            }
+            // One backoff step per key per round (however many tokens it has), and never past
+            // the earliest deadline, so a claim gets its last attempt before it is given up.
+            for key in touched {
+                if let Some(job) = jobs.get_mut(&key) {
+                    let earliest = job.items.iter().map(|i| i.deadline).min().unwrap_or(now);
+                    job.next = (now + job.delay).min(earliest.max(now));
+                    job.delay = (job.delay * 2).min(MAX_CHECK_INTERVAL);
+                }
             }
             jobs.retain(|_, job| !job.items.is_empty());
         }
