@@ -1,6 +1,9 @@
 //! Why a call was short-circuited, as a typed error for non-HTTP services.
 
+use std::fmt;
+
 use crate::extract::BoxError;
+use crate::settings::ConfigError;
 use crate::{IdempotencyKey, StoreError};
 
 /// The error of an [`Idempotency`](crate::Idempotency) service: either a short-circuit the
@@ -46,6 +49,26 @@ pub enum IdempotencyError<E> {
         /// The key (without namespace).
         key: IdempotencyKey,
     },
+    /// The job was classified blocked, but its claim could not be released: **the claim still
+    /// stands**. The layer retries the (token-checked) release in the background until it
+    /// succeeds or the claim expires. A queue consumer should leave the job pending, not ack it:
+    /// its retry dispatches once the claim is gone.
+    #[error("claim on key `{key}` could not be released after a blocked job; retrying in the background")]
+    ReleaseFailed {
+        /// The key (without namespace).
+        key: IdempotencyKey,
+        /// Why the release failed.
+        #[source]
+        source: StoreError,
+    },
+    /// The layer's settings cannot work (it was used without `build()`, which would have refused
+    /// them); nothing was claimed or dispatched.
+    #[error("idempotency layer misconfigured; nothing was dispatched")]
+    Misconfigured {
+        /// What is wrong with the settings.
+        #[source]
+        source: ConfigError,
+    },
     /// The inner service failed.
     #[error("inner service failed")]
     Inner(#[source] E),
@@ -62,13 +85,22 @@ impl<E> IdempotencyError<E> {
         matches!(self, IdempotencyError::StoreUnavailable { .. })
     }
 
+    /// Whether a blocked job's claim could not be released (it still stands; see
+    /// [`ReleaseFailed`](Self::ReleaseFailed)).
+    pub fn is_release_failed(&self) -> bool {
+        matches!(self, IdempotencyError::ReleaseFailed { .. })
+    }
+
     /// The key this error concerns, when one was extracted.
     pub fn key(&self) -> Option<&IdempotencyKey> {
         match self {
             IdempotencyError::Duplicate { key }
             | IdempotencyError::StoreUnavailable { key, .. }
-            | IdempotencyError::ClaimLost { key } => Some(key),
-            IdempotencyError::InvalidKey { .. } | IdempotencyError::Inner(_) => None,
+            | IdempotencyError::ClaimLost { key }
+            | IdempotencyError::ReleaseFailed { key, .. } => Some(key),
+            IdempotencyError::InvalidKey { .. }
+            | IdempotencyError::Misconfigured { .. }
+            | IdempotencyError::Inner(_) => None,
         }
     }
 
@@ -78,5 +110,56 @@ impl<E> IdempotencyError<E> {
             IdempotencyError::Inner(e) => Some(e),
             _ => None,
         }
+    }
+}
+
+/// Renders an error with its `source()` chain: `a: b: c`.
+pub(crate) struct Chain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut shown = self.0.to_string();
+        f.write_str(&shown)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            // Some errors (redis-rs among them) display their source's text themselves; don't
+            // repeat it.
+            let text = s.to_string();
+            if !shown.ends_with(&text) {
+                write!(f, ": {text}")?;
+            }
+            shown = text;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Chain;
+
+    #[derive(Debug)]
+    struct E(&'static str, Option<Box<E>>);
+    impl std::fmt::Display for E {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+    impl std::error::Error for E {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    #[test]
+    fn chain_renders_sources_once() {
+        let e = E(
+            "outer",
+            Some(Box::new(E("middle: inner", Some(Box::new(E("inner", None)))))),
+        );
+        assert_eq!(Chain(&e).to_string(), "outer: middle: inner");
+        let plain = E("a", Some(Box::new(E("b", None))));
+        assert_eq!(Chain(&plain).to_string(), "a: b");
     }
 }

@@ -4,6 +4,7 @@
 //! a field of a queue message, or a (project, pull request, head SHA) triple from a webhook body.
 
 use crate::IdempotencyKey;
+use crate::store::ClaimToken;
 
 /// The boxed error an extractor's failure is reported as.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -34,6 +35,14 @@ pub trait KeyExtractor<Req> {
 
     /// Extracts the key of `req`.
     fn extract(&mut self, req: &Req) -> Result<Option<IdempotencyKey>, Self::Error>;
+
+    /// A stable identity of the job `req` belongs to (a stream message id, a delivery id), so a
+    /// retry of the same job finds its own claim and is answered `Acquired`, not duplicate.
+    /// `None` (the default) claims under a fresh token per call. See [`WithOwner`].
+    fn owner(&mut self, req: &Req) -> Option<ClaimToken> {
+        let _ = req;
+        None
+    }
 }
 
 impl<Req, F, E> KeyExtractor<Req> for F
@@ -45,5 +54,54 @@ where
 
     fn extract(&mut self, req: &Req) -> Result<Option<IdempotencyKey>, E> {
         self(req)
+    }
+}
+
+/// An extractor with a stable owner identity per job, made by
+/// [`IdempotencyLayer::with_owner`](crate::IdempotencyLayer::with_owner).
+///
+/// The claim is taken under a token made from the owner identity, so the same job — a queue
+/// message handed out again after a crash or a blocked run — finds its own claim and is
+/// dispatched, while any other job with the same key is a duplicate. The identity must be
+/// unique per job (not per key): two different jobs sharing one would both be let through.
+///
+/// ```
+/// use tower_idempotency::{IdempotencyKey, KeyError, KeyExtractor, WithOwner};
+///
+/// struct Message { id: String, pr_key: String }
+///
+/// let mut extractor = WithOwner::new(
+///     |m: &Message| -> Result<_, KeyError> { IdempotencyKey::new(&m.pr_key).map(Some) },
+///     |m: &Message| Some(m.id.clone()),
+/// );
+/// let msg = Message { id: "1700000000000-0".into(), pr_key: "o/r:1:abcdef1".into() };
+/// assert_eq!(extractor.owner(&msg).unwrap().as_str(), "owner:1700000000000-0");
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct WithOwner<X, F> {
+    extractor: X,
+    owner: F,
+}
+
+impl<X, F> WithOwner<X, F> {
+    /// Keys from `extractor`; owner identities from `owner`.
+    pub fn new(extractor: X, owner: F) -> Self {
+        Self { extractor, owner }
+    }
+}
+
+impl<Req, X, F> KeyExtractor<Req> for WithOwner<X, F>
+where
+    X: KeyExtractor<Req>,
+    F: FnMut(&Req) -> Option<String>,
+{
+    type Error = X::Error;
+
+    fn extract(&mut self, req: &Req) -> Result<Option<IdempotencyKey>, X::Error> {
+        self.extractor.extract(req)
+    }
+
+    fn owner(&mut self, req: &Req) -> Option<ClaimToken> {
+        (self.owner)(req).map(|owner| ClaimToken::from_owner(&owner))
     }
 }

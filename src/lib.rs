@@ -51,7 +51,6 @@
 #![warn(missing_debug_implementations, unreachable_pub)]
 
 mod classify;
-mod coalesce;
 mod error;
 mod extract;
 mod future;
@@ -59,16 +58,19 @@ mod future;
 pub mod http;
 mod key;
 mod layer;
+mod protocol;
 mod report;
 mod service;
+mod settings;
 pub mod store;
 
 pub use classify::{ClassifyOutcome, DefaultClassifier, Settle};
 pub use error::IdempotencyError;
-pub use extract::{BoxError, KeyExtractor};
+pub use extract::{BoxError, KeyExtractor, WithOwner};
 pub use future::ResponseFuture;
 pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
-pub use layer::{DEFAULT_TTL, IdempotencyLayer, LostClaimPolicy, StoreErrorPolicy};
+pub use layer::IdempotencyLayer;
+pub use settings::{ConfigError, DEFAULT_MAX_HOLD_TTLS, DEFAULT_TTL, LostClaimPolicy, StoreErrorPolicy};
 pub use report::{DEFAULT_REPORT_INTERVAL, DEFAULT_SENTRY_TAG};
 pub use service::Idempotency;
 pub use store::{ClaimOutcome, MemoryStore, StoreError};

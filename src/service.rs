@@ -10,7 +10,7 @@ use crate::classify::{ClassifyOutcome, DefaultClassifier};
 use crate::error::IdempotencyError;
 use crate::extract::KeyExtractor;
 use crate::future::ResponseFuture;
-use crate::layer::Config;
+use crate::protocol::Protocol;
 
 /// The service produced by [`IdempotencyLayer`](crate::IdempotencyLayer).
 ///
@@ -33,7 +33,7 @@ use crate::layer::Config;
 /// ```
 pub struct Idempotency<S, X, C = DefaultClassifier> {
     inner: S,
-    config: Arc<Config>,
+    protocol: Arc<Protocol>,
     extractor: X,
     classifier: C,
 }
@@ -42,7 +42,7 @@ impl<S: Clone, X: Clone, C: Clone> Clone for Idempotency<S, X, C> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
-            config: self.config.clone(),
+            protocol: self.protocol.clone(),
             extractor: self.extractor.clone(),
             classifier: self.classifier.clone(),
         }
@@ -53,20 +53,26 @@ impl<S: fmt::Debug, X, C: fmt::Debug> fmt::Debug for Idempotency<S, X, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Idempotency")
             .field("inner", &self.inner)
-            .field("config", &self.config)
+            .field("settings", &self.protocol.settings)
             .field("classifier", &self.classifier)
             .finish_non_exhaustive()
     }
 }
 
 impl<S, X, C> Idempotency<S, X, C> {
-    pub(crate) fn from_parts(inner: S, config: Arc<Config>, extractor: X, classifier: C) -> Self {
+    pub(crate) fn from_parts(inner: S, protocol: Arc<Protocol>, extractor: X, classifier: C) -> Self {
         Self {
             inner,
-            config,
+            protocol,
             extractor,
             classifier,
         }
+    }
+
+    /// Background jobs of this service's layer still pending (see
+    /// [`IdempotencyLayer::background_tasks`](crate::IdempotencyLayer::background_tasks)).
+    pub fn background_tasks(&self) -> usize {
+        self.protocol.settings.background.pending()
     }
 
     /// The inner service.
@@ -103,10 +109,17 @@ where
         // Take the service that was driven to readiness; leave a clone for the next call.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
+        let classifier = self.classifier.clone();
+        if let Some(source) = &self.protocol.invalid {
+            return ResponseFuture::refused(IdempotencyError::Misconfigured { source: source.clone() }, classifier);
+        }
         match self.extractor.extract(&req) {
-            Ok(Some(key)) => ResponseFuture::claim(inner, req, key, self.config.clone(), self.classifier.clone()),
-            Ok(None) => ResponseFuture::pass_through(inner, req),
-            Err(e) => ResponseFuture::rejected(e.into()),
+            Ok(Some(key)) => {
+                let owner = self.extractor.owner(&req);
+                ResponseFuture::claim(inner, req, key, owner, &self.protocol, classifier)
+            }
+            Ok(None) => ResponseFuture::pass_through(inner, req, classifier),
+            Err(e) => ResponseFuture::rejected(e.into(), classifier),
         }
     }
 }

@@ -116,16 +116,16 @@ impl Rng {
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Round {
-    /// Nobody goes away: one claim sent (the leader's), the leader dispatches, everyone else is
-    /// a duplicate.
+    /// Nobody goes away: one claim sent for the burst, driven by whichever caller polls first;
+    /// exactly one caller dispatches, everyone else is a duplicate.
     Intact,
-    /// Each key's leader is dropped before it is ever polled (its claim never leaves): the
-    /// followers claim for themselves and exactly one of them dispatches.
+    /// Each key's leader is dropped before it is ever polled: the followers drive the shared
+    /// claim themselves and exactly one of them dispatches.
     LeaderDroppedUnpolled,
     /// Each key's leader is polled once (its claim goes on the wire) and dropped. Usually the
-    /// answer is not back yet; on a loaded machine the thread can be preempted long enough for
-    /// the claim to be answered and the job started inside that one poll, and then the leader
-    /// is the one dispatcher.
+    /// answer is not back yet and a follower takes the claim over; on a loaded machine the
+    /// claim can be answered and the job started inside that one poll, and then the leader is
+    /// the one dispatcher.
     LeaderDroppedAfterOnePoll,
     /// Leaders and about a quarter of the followers run as tasks aborted at random points.
     RandomAborts,
@@ -241,7 +241,8 @@ async fn concurrent_callers_of_one_key_never_both_dispatch_even_when_leaders_are
             let expected_ok: HashSet<usize> = dispatchers.difference(&gone).copied().collect();
             assert_eq!(answered_ok[k], expected_ok, "{what}: Ok answers vs dispatches");
             match kind {
-                Round::Intact => assert_eq!(dispatched, vec![k], "{what}: the leader dispatches"),
+                // Whoever polls drives the shared claim, so any one caller may be the dispatcher.
+                Round::Intact => assert_eq!(dispatched.len(), 1, "{what}: exactly one caller dispatches"),
                 Round::LeaderDroppedUnpolled => {
                     assert_eq!(dispatched.len(), 1, "{what}: exactly one follower dispatches");
                     assert_ne!(dispatched[0], k, "{what}: the unpolled leader cannot dispatch");

@@ -17,11 +17,12 @@ use pin_project::pin_project;
 use tower::Service;
 
 use super::extract::ExtractError;
-use super::service::{ClaimFromExtensions, Front, PendingClaim};
+use super::service::Front;
 use super::{HttpKeyExtractor, ShortCircuitResponse, VerifyRequest};
 use crate::extract::BoxError;
-use crate::future::Chain;
-use crate::{ClassifyOutcome, Idempotency, IdempotencyError};
+use crate::future::{Chain, polled_after_completion};
+use crate::protocol::Protocol;
+use crate::{ClassifyOutcome, IdempotencyError, IdempotencyKey};
 
 /// Response future of [`HttpIdempotency`](super::HttpIdempotency).
 ///
@@ -41,6 +42,13 @@ where
     #[pin]
     state: State<S, B, C>,
     front: Arc<Front<X, V, R>>,
+    protocol: Arc<Protocol>,
+}
+
+/// What the checks let through: the service and classifier, until the claim starts.
+struct Pending<S, C> {
+    inner: S,
+    classifier: C,
 }
 
 #[pin_project(project = StateProj)]
@@ -54,7 +62,7 @@ where
         #[pin]
         collect: Collect<Limited<B>>,
         parts: Option<Parts>,
-        core: Option<Idempotency<S, ClaimFromExtensions, C>>,
+        pending: Option<Pending<S, C>>,
     },
     Claiming {
         #[pin]
@@ -94,20 +102,26 @@ where
 {
     pub(crate) fn new(
         req: Request<B>,
-        mut core: Idempotency<S, ClaimFromExtensions, C>,
+        inner: S,
+        protocol: Arc<Protocol>,
+        classifier: C,
         front: Arc<Front<X, V, R>>,
-    ) -> Self
-    where
-        S: Clone,
-        C: ClassifyOutcome<S::Response, S::Error> + Clone,
-    {
+    ) -> Self {
+        let pending = Pending { inner, classifier };
         let (mut parts, body) = req.into_parts();
-        let state = if !front.needs_body() {
+        let state = if let Some(source) = &protocol.invalid {
+            State::Claiming {
+                fut: crate::ResponseFuture::refused(
+                    IdempotencyError::Misconfigured { source: source.clone() },
+                    pending.classifier,
+                ),
+            }
+        } else if !front.needs_body() {
             match reject(&front, &mut parts, &Bytes::new()) {
-                None => State::Claiming {
-                    fut: core.call(Request::from_parts(parts, body)),
+                Ok(key) => start(pending, Request::from_parts(parts, body), key, &protocol),
+                Err(rejection) => State::Answered {
+                    response: Some(rejection),
                 },
-                rejection => State::Answered { response: rejection },
             }
         } else if body.size_hint().lower() > front.body_limit as u64 {
             // Content-Length already says it is too large: do not read it.
@@ -118,16 +132,42 @@ where
             State::Buffering {
                 collect: Limited::new(body, front.body_limit).collect(),
                 parts: Some(parts),
-                core: Some(core),
+                pending: Some(pending),
             }
         };
-        Self { state, front }
+        Self { state, front, protocol }
     }
 }
 
-/// Signature check, then key extraction. Returns the rejection's response, or `None` to go on
-/// (with the key, if any, in the extensions).
-fn reject<X, V, R>(front: &Front<X, V, R>, parts: &mut Parts, body: &Bytes) -> Option<Response<Bytes>>
+/// Starts the claim of `key` (or passes the request through without one), driving the core
+/// protocol directly.
+fn start<S, B, C>(
+    pending: Pending<S, C>,
+    req: Request<B>,
+    key: Option<IdempotencyKey>,
+    protocol: &Arc<Protocol>,
+) -> State<S, B, C>
+where
+    S: Service<Request<B>>,
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    let Pending { inner, classifier } = pending;
+    let fut = match key {
+        Some(key) => crate::ResponseFuture::claim(inner, req, key, None, protocol, classifier),
+        None => crate::ResponseFuture::pass_through(inner, req, classifier),
+    };
+    State::Claiming { fut }
+}
+
+/// Signature check, then key extraction. Returns the key to claim (`None`: pass through), or
+/// the rejection's response. The key is also put in the extensions, for the handler.
+#[allow(clippy::result_large_err)] // the rejection is the response itself, answered at once
+fn reject<X, V, R>(
+    front: &Front<X, V, R>,
+    parts: &mut Parts,
+    body: &Bytes,
+) -> Result<Option<IdempotencyKey>, Response<Bytes>>
 where
     X: HttpKeyExtractor,
     V: VerifyRequest,
@@ -135,20 +175,21 @@ where
 {
     if let Err(error) = front.verifier.verify(parts, body) {
         tracing::warn!(outcome = "unauthorized", error = %Chain(&error), "rejected: signature check failed; nothing claimed");
-        return Some(front.responses.unauthorized(&error));
+        return Err(front.responses.unauthorized(&error));
     }
-    // Only a key extracted here may be claimed (not one left by an outer layer).
-    parts.extensions.remove::<PendingClaim>();
     match front.extractor.extract(parts, body) {
         Ok(Some(key)) => {
             parts.extensions.insert(key.clone());
-            parts.extensions.insert(PendingClaim(key));
-            None
+            Ok(Some(key))
         }
-        Ok(None) => None,
+        Ok(None) => {
+            // A key left by an outer layer must not look claimed to the handler.
+            parts.extensions.remove::<IdempotencyKey>();
+            Ok(None)
+        }
         Err(error) => {
             tracing::info!(outcome = "invalid", error = %Chain(&error), "rejected: no valid idempotency key; nothing claimed");
-            Some(front.responses.invalid(&error))
+            Err(front.responses.invalid(&error))
         }
     }
 }
@@ -179,19 +220,25 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::Buffering { collect, parts, core } => {
+                StateProj::Buffering {
+                    collect,
+                    parts,
+                    pending,
+                } => {
                     let collected = ready!(collect.poll(cx));
-                    let (Some(mut parts), Some(mut core)) = (parts.take(), core.take()) else {
+                    let (Some(mut parts), Some(pending)) = (parts.take(), pending.take()) else {
                         polled_after_completion()
                     };
                     let next = match collected {
                         Ok(collected) => {
                             let bytes = collected.to_bytes();
                             match reject(this.front, &mut parts, &bytes) {
-                                None => State::Claiming {
-                                    fut: core.call(Request::from_parts(parts, B::from(bytes))),
+                                Ok(key) => {
+                                    start(pending, Request::from_parts(parts, B::from(bytes)), key, this.protocol)
+                                }
+                                Err(rejection) => State::Answered {
+                                    response: Some(rejection),
                                 },
-                                rejection => State::Answered { response: rejection },
                             }
                         }
                         Err(error) if error.is::<LengthLimitError>() => State::Answered {
@@ -216,6 +263,10 @@ where
                         Err(IdempotencyError::StoreUnavailable { .. }) => responses.unavailable().map(ResBody::from),
                         Err(IdempotencyError::ClaimLost { key }) => responses.claim_lost(&key).map(ResBody::from),
                         Err(IdempotencyError::InvalidKey { source }) => responses.invalid(&*source).map(ResBody::from),
+                        // The job was blocked (the handler's own answer is gone with the error);
+                        // its claim still stands until the background release succeeds.
+                        Err(IdempotencyError::ReleaseFailed { .. }) => responses.unavailable().map(ResBody::from),
+                        Err(IdempotencyError::Misconfigured { .. }) => responses.unavailable().map(ResBody::from),
                     };
                     return Poll::Ready(Ok(response));
                 }
@@ -228,10 +279,4 @@ where
             }
         }
     }
-}
-
-fn polled_after_completion() -> ! {
-    // A caller broke the `Future` contract, as `async fn` also panics when resumed after
-    // completion.
-    panic!("tower_idempotency::http::ResponseFuture polled after completion")
 }

@@ -3,17 +3,18 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tower::Layer;
 
 use super::classify::HttpClassifier;
 use super::response::JsonResponses;
-use super::service::{ClaimFromExtensions, Front, HttpIdempotency};
+use super::service::{Front, HttpIdempotency};
 use super::signature::{GitHubSignature, GitLabToken, NoVerification};
 use super::webhook::{GitHubDispatchKey, GitLabDispatchKey};
+use crate::IdempotencyLayer;
+use crate::protocol::Protocol;
+use crate::settings::{ConfigError, Settings, settings_builders};
 use crate::store::IdempotencyStore;
-use crate::{IdempotencyLayer, LostClaimPolicy, StoreErrorPolicy};
 
 /// Default limit on a buffered body: 25 MB, GitHub's cap on webhook payloads.
 pub const DEFAULT_BODY_LIMIT: usize = 25 * 1024 * 1024;
@@ -25,9 +26,8 @@ pub const DEFAULT_BODY_LIMIT: usize = 25 * 1024 * 1024;
 /// Required: a store and an [`HttpKeyExtractor`](super::HttpKeyExtractor). Defaults: no
 /// signature check ([`NoVerification`]), [`HttpClassifier`] (release on `429` or
 /// [`Blocked`](super::Blocked)), [`JsonResponses`] (duplicate `409`), body limit
-/// [`DEFAULT_BODY_LIMIT`], and the core defaults (TTL 300 s, no namespace, fail closed). Every
-/// core setting is reachable through [`from_core`](Self::from_core); the common ones have `with_*`
-/// methods here.
+/// [`DEFAULT_BODY_LIMIT`], and the core defaults (TTL 300 s, no namespace, fail closed). The
+/// core's `with_*` settings are all here too; [`build`](Self::build) checks them.
 ///
 /// The wrapped service must take and return bodies that can be made from
 /// [`Bytes`](bytes::Bytes) (`axum::body::Body` and `http_body_util::Full<Bytes>` can).
@@ -46,7 +46,9 @@ pub const DEFAULT_BODY_LIMIT: usize = 25 * 1024 * 1024;
 /// .with_responses(JsonResponses::webhook())
 /// .with_namespace("github-dispatch:")
 /// .with_ttl(Duration::from_secs(300))
-/// .with_store_error_policy(StoreErrorPolicy::FailClosed);
+/// .with_store_error_policy(StoreErrorPolicy::FailClosed)
+/// .build()
+/// .expect("valid settings");
 ///
 /// let app: Router = Router::new()
 ///     .route("/webhooks/github", post(|| async { StatusCode::ACCEPTED }))
@@ -54,7 +56,8 @@ pub const DEFAULT_BODY_LIMIT: usize = 25 * 1024 * 1024;
 /// # let _ = app;
 /// ```
 pub struct HttpIdempotencyLayer<X, V = NoVerification, C = HttpClassifier, R = JsonResponses> {
-    core: IdempotencyLayer<ClaimFromExtensions, C>,
+    settings: Settings,
+    classifier: C,
     extractor: X,
     verifier: V,
     responses: R,
@@ -64,7 +67,8 @@ pub struct HttpIdempotencyLayer<X, V = NoVerification, C = HttpClassifier, R = J
 impl<X: Clone, V: Clone, C: Clone, R: Clone> Clone for HttpIdempotencyLayer<X, V, C, R> {
     fn clone(&self) -> Self {
         Self {
-            core: self.core.clone(),
+            settings: self.settings.clone(),
+            classifier: self.classifier.clone(),
             extractor: self.extractor.clone(),
             verifier: self.verifier.clone(),
             responses: self.responses.clone(),
@@ -76,7 +80,8 @@ impl<X: Clone, V: Clone, C: Clone, R: Clone> Clone for HttpIdempotencyLayer<X, V
 impl<X, V, C: fmt::Debug, R> fmt::Debug for HttpIdempotencyLayer<X, V, C, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpIdempotencyLayer")
-            .field("core", &self.core)
+            .field("settings", &self.settings)
+            .field("classifier", &self.classifier)
             .field("body_limit", &self.body_limit)
             .finish_non_exhaustive()
     }
@@ -85,7 +90,7 @@ impl<X, V, C: fmt::Debug, R> fmt::Debug for HttpIdempotencyLayer<X, V, C, R> {
 impl<X> HttpIdempotencyLayer<X> {
     /// A layer that claims keys from `extractor` in `store`.
     pub fn new<St: IdempotencyStore>(store: St, extractor: X) -> Self {
-        Self::from_core(IdempotencyLayer::new(store, ClaimFromExtensions), extractor)
+        Self::from_core(IdempotencyLayer::new(store, ()), extractor)
     }
 
     /// A layer with the settings of `core` (store, TTL, namespace, store-error policy, shadow
@@ -106,9 +111,8 @@ impl<X> HttpIdempotencyLayer<X> {
     /// ```
     pub fn from_core<Y, C0>(core: IdempotencyLayer<Y, C0>, extractor: X) -> Self {
         Self {
-            core: core
-                .with_extractor(ClaimFromExtensions)
-                .with_classifier(HttpClassifier::new()),
+            settings: core.settings,
+            classifier: HttpClassifier::new(),
             extractor,
             verifier: NoVerification,
             responses: JsonResponses::new(),
@@ -159,7 +163,8 @@ impl<X, V, C, R> HttpIdempotencyLayer<X, V, C, R> {
     /// Replaces the key extractor.
     pub fn with_extractor<X2>(self, extractor: X2) -> HttpIdempotencyLayer<X2, V, C, R> {
         HttpIdempotencyLayer {
-            core: self.core,
+            settings: self.settings,
+            classifier: self.classifier,
             extractor,
             verifier: self.verifier,
             responses: self.responses,
@@ -171,7 +176,8 @@ impl<X, V, C, R> HttpIdempotencyLayer<X, V, C, R> {
     /// `401` and takes no claim).
     pub fn with_verifier<V2>(self, verifier: V2) -> HttpIdempotencyLayer<X, V2, C, R> {
         HttpIdempotencyLayer {
-            core: self.core,
+            settings: self.settings,
+            classifier: self.classifier,
             extractor: self.extractor,
             verifier,
             responses: self.responses,
@@ -182,7 +188,8 @@ impl<X, V, C, R> HttpIdempotencyLayer<X, V, C, R> {
     /// Replaces the short-circuit responses.
     pub fn with_responses<R2>(self, responses: R2) -> HttpIdempotencyLayer<X, V, C, R2> {
         HttpIdempotencyLayer {
-            core: self.core,
+            settings: self.settings,
+            classifier: self.classifier,
             extractor: self.extractor,
             verifier: self.verifier,
             responses,
@@ -195,7 +202,8 @@ impl<X, V, C, R> HttpIdempotencyLayer<X, V, C, R> {
     /// included.
     pub fn with_classifier<C2>(self, classifier: C2) -> HttpIdempotencyLayer<X, V, C2, R> {
         HttpIdempotencyLayer {
-            core: self.core.with_classifier(classifier),
+            settings: self.settings,
+            classifier,
             extractor: self.extractor,
             verifier: self.verifier,
             responses: self.responses,
@@ -210,50 +218,22 @@ impl<X, V, C, R> HttpIdempotencyLayer<X, V, C, R> {
         self
     }
 
-    /// How long a claim lives (default 300 s). See [`IdempotencyLayer::with_ttl`].
-    pub fn with_ttl(mut self, ttl: Duration) -> Self {
-        self.core = self.core.with_ttl(ttl);
-        self
-    }
+    settings_builders!();
 
-    /// A prefix added to every key in the store. See [`IdempotencyLayer::with_namespace`].
-    pub fn with_namespace(mut self, namespace: impl Into<String>) -> Self {
-        self.core = self.core.with_namespace(namespace);
-        self
-    }
-
-    /// Fail closed (default, `503`) or fail open when the store cannot answer. See
-    /// [`IdempotencyLayer::with_store_error_policy`].
-    pub fn with_store_error_policy(mut self, policy: StoreErrorPolicy) -> Self {
-        self.core = self.core.with_store_error_policy(policy);
-        self
-    }
-
-    /// Shadow mode: claims are taken, but every request reaches the handler. See
-    /// [`IdempotencyLayer::with_shadow_mode`].
-    pub fn with_shadow_mode(mut self, shadow: bool) -> Self {
-        self.core = self.core.with_shadow_mode(shadow);
-        self
-    }
-
-    /// Renews a running handler's claim every `every`. See [`IdempotencyLayer::with_renewal`].
-    pub fn with_renewal(mut self, every: Duration) -> Self {
-        self.core = self.core.with_renewal(every);
-        self
-    }
-
-    /// What to do when renewal finds the claim lost. See
-    /// [`IdempotencyLayer::with_lost_claim_policy`].
-    pub fn with_lost_claim_policy(mut self, policy: LostClaimPolicy) -> Self {
-        self.core = self.core.with_lost_claim_policy(policy);
-        self
-    }
-
-    /// Concurrent requests with the same key in this process share one store round trip. See
-    /// [`IdempotencyLayer::with_coalescing`].
-    pub fn with_coalescing(mut self, coalesce: bool) -> Self {
-        self.core = self.core.with_coalescing(coalesce);
-        self
+    /// Checks the settings (see [`IdempotencyLayer::build`]) and refuses those that cannot work.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::MemoryStore;
+    /// use tower_idempotency::http::{HeaderKey, HttpIdempotencyLayer};
+    ///
+    /// let layer = HttpIdempotencyLayer::new(MemoryStore::new(), HeaderKey::idempotency_key())
+    ///     .with_ttl(Duration::ZERO);
+    /// assert!(layer.build().is_err());
+    /// ```
+    pub fn build(self) -> Result<Self, ConfigError> {
+        self.settings.validate()?;
+        Ok(self)
     }
 
     /// The body limit in bytes.
@@ -261,15 +241,6 @@ impl<X, V, C, R> HttpIdempotencyLayer<X, V, C, R> {
         self.body_limit
     }
 
-    /// The claim TTL.
-    pub fn ttl(&self) -> Duration {
-        self.core.ttl()
-    }
-
-    /// The key namespace.
-    pub fn namespace(&self) -> &str {
-        self.core.namespace()
-    }
 }
 
 impl<S, X: Clone, V: Clone, C: Clone, R: Clone> Layer<S> for HttpIdempotencyLayer<X, V, C, R> {
@@ -277,7 +248,9 @@ impl<S, X: Clone, V: Clone, C: Clone, R: Clone> Layer<S> for HttpIdempotencyLaye
 
     fn layer(&self, inner: S) -> Self::Service {
         HttpIdempotency::from_parts(
-            self.core.layer(inner),
+            inner,
+            Protocol::new(self.settings.clone()),
+            self.classifier.clone(),
             Arc::new(Front {
                 extractor: self.extractor.clone(),
                 verifier: self.verifier.clone(),

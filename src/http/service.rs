@@ -1,7 +1,6 @@
-//! The HTTP service: read the body, check the signature, extract the key, then run the core
-//! claim state machine with the key handed over in the request's extensions.
+//! The HTTP service: read the body, check the signature, extract the key, then drive the claim
+//! protocol directly (the same response future as the core layer).
 
-use std::convert::Infallible;
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -16,25 +15,9 @@ use super::future::ResponseFuture;
 use super::response::JsonResponses;
 use super::signature::NoVerification;
 use super::{HttpKeyExtractor, ShortCircuitResponse, VerifyRequest};
+use crate::ClassifyOutcome;
 use crate::extract::BoxError;
-use crate::{ClassifyOutcome, Idempotency, IdempotencyKey, KeyExtractor};
-
-/// The key the HTTP front found, handed to the core service. Private, so nothing outside this
-/// module can make a request claim a key.
-#[derive(Clone)]
-pub(crate) struct PendingClaim(pub(crate) IdempotencyKey);
-
-/// The core service's extractor: reads [`PendingClaim`] from the request's extensions.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct ClaimFromExtensions;
-
-impl<B> KeyExtractor<Request<B>> for ClaimFromExtensions {
-    type Error = Infallible;
-
-    fn extract(&mut self, req: &Request<B>) -> Result<Option<IdempotencyKey>, Infallible> {
-        Ok(req.extensions().get::<PendingClaim>().map(|claim| claim.0.clone()))
-    }
-}
+use crate::protocol::Protocol;
 
 /// What the HTTP service needs besides the core service, shared by its clones and futures.
 pub(crate) struct Front<X, V, R> {
@@ -76,14 +59,18 @@ impl<X: HttpKeyExtractor, V: VerifyRequest, R> Front<X, V, R> {
 /// # }
 /// ```
 pub struct HttpIdempotency<S, X, V = NoVerification, C = HttpClassifier, R = JsonResponses> {
-    core: Idempotency<S, ClaimFromExtensions, C>,
+    inner: S,
+    protocol: Arc<Protocol>,
+    classifier: C,
     front: Arc<Front<X, V, R>>,
 }
 
 impl<S: Clone, X, V, C: Clone, R> Clone for HttpIdempotency<S, X, V, C, R> {
     fn clone(&self) -> Self {
         Self {
-            core: self.core.clone(),
+            inner: self.inner.clone(),
+            protocol: self.protocol.clone(),
+            classifier: self.classifier.clone(),
             front: self.front.clone(),
         }
     }
@@ -92,30 +79,43 @@ impl<S: Clone, X, V, C: Clone, R> Clone for HttpIdempotency<S, X, V, C, R> {
 impl<S: fmt::Debug, X, V, C: fmt::Debug, R> fmt::Debug for HttpIdempotency<S, X, V, C, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpIdempotency")
-            .field("core", &self.core)
+            .field("inner", &self.inner)
+            .field("settings", &self.protocol.settings)
+            .field("classifier", &self.classifier)
             .field("body_limit", &self.front.body_limit)
             .finish_non_exhaustive()
     }
 }
 
 impl<S, X, V, C, R> HttpIdempotency<S, X, V, C, R> {
-    pub(crate) fn from_parts(core: Idempotency<S, ClaimFromExtensions, C>, front: Arc<Front<X, V, R>>) -> Self {
-        Self { core, front }
+    pub(crate) fn from_parts(inner: S, protocol: Arc<Protocol>, classifier: C, front: Arc<Front<X, V, R>>) -> Self {
+        Self {
+            inner,
+            protocol,
+            classifier,
+            front,
+        }
     }
 
     /// The inner service.
     pub fn get_ref(&self) -> &S {
-        self.core.get_ref()
+        &self.inner
     }
 
     /// The inner service, mutably.
     pub fn get_mut(&mut self) -> &mut S {
-        self.core.get_mut()
+        &mut self.inner
     }
 
     /// Consumes this service, returning the inner one.
     pub fn into_inner(self) -> S {
-        self.core.into_inner()
+        self.inner
+    }
+
+    /// Background jobs of this service's layer still pending (see
+    /// [`IdempotencyLayer::background_tasks`](crate::IdempotencyLayer::background_tasks)).
+    pub fn background_tasks(&self) -> usize {
+        self.protocol.settings.background.pending()
     }
 }
 
@@ -135,15 +135,19 @@ where
     type Future = ResponseFuture<S, B, C, X, V, R>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // The core's readiness is its inner service's readiness (it only wraps the error), so
-        // poll the inner service directly and keep its error type.
-        self.core.get_mut().poll_ready(cx)
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         // Take the service that was driven to readiness; leave a clone for the next call.
-        let clone = self.core.clone();
-        let core = std::mem::replace(&mut self.core, clone);
-        ResponseFuture::new(req, core, self.front.clone())
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::new(
+            req,
+            inner,
+            self.protocol.clone(),
+            self.classifier.clone(),
+            self.front.clone(),
+        )
     }
 }

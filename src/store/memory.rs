@@ -68,16 +68,29 @@ impl MemoryStore {
     }
 }
 
+/// `now + ttl`, saturating far in the future instead of overflowing (the layer refuses TTLs over
+/// [`IdempotencyStore::max_ttl`] anyway).
+fn expiry(now: Instant, ttl: Duration) -> Instant {
+    now.checked_add(ttl)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
 impl IdempotencyStore for MemoryStore {
     async fn claim(&self, key: &str, token: &ClaimToken, ttl: Duration) -> Result<ClaimOutcome, StoreError> {
         let now = Instant::now();
         let mut claims = self.lock();
-        if let Some((_, exp)) = claims.map.get(key)
+        if let Some((holder, exp)) = claims.map.get(key)
             && *exp > now
         {
-            return Ok(ClaimOutcome::AlreadyClaimed);
+            // Our own token: a resend or a retry of the same job, not a duplicate of ourselves.
+            return Ok(if holder == token {
+                ClaimOutcome::Acquired
+            } else {
+                ClaimOutcome::AlreadyClaimed
+            });
         }
-        claims.map.insert(key.to_owned(), (token.clone(), now + ttl));
+        let expires = expiry(now, ttl);
+        claims.map.insert(key.to_owned(), (token.clone(), expires));
         if claims.map.len() > 1024 && claims.map.len() >= 2 * claims.swept_len {
             claims.map.retain(|_, (_, exp)| *exp > now);
             claims.swept_len = claims.map.len();
@@ -102,7 +115,7 @@ impl IdempotencyStore for MemoryStore {
         let mut claims = self.lock();
         match claims.map.get_mut(key) {
             Some((owner, exp)) if owner == token && *exp > now => {
-                *exp = now + ttl;
+                *exp = expiry(now, ttl);
                 Ok(true)
             }
             _ => Ok(false),

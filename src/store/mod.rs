@@ -26,15 +26,20 @@ pub use memory::MemoryStore;
 /// The result of a claim that reached the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ClaimOutcome {
-    /// The key was free and is now ours: dispatch.
+    /// The key was free and is now ours, or it was already held by **our own token** (a resent
+    /// command whose first copy landed, or a retry of the same job under a stable owner
+    /// identity): dispatch.
     Acquired,
-    /// Someone already holds the key: this call is a duplicate.
+    /// Someone else holds the key: this call is a duplicate.
     AlreadyClaimed,
 }
 
-/// Identifies the owner of one claim, so release and renewal only touch our own claim.
+/// Identifies the owner of one claim, so release and renewal only touch our own claim, and a
+/// claim that finds its own token is recognised as ours.
 ///
-/// Tokens are unique per call: a per-process random prefix plus a counter.
+/// By default tokens are unique per call: a per-process random prefix plus a counter. A caller
+/// with a stable identity for one job (a stream message id, a delivery id) can make the token
+/// from it ([`from_owner`](Self::from_owner)), so a retry of the same job finds its own claim.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct ClaimToken(Arc<str>);
 
@@ -67,6 +72,18 @@ impl ClaimToken {
             // Unreachable (the buffer is ASCII hex); the slow path gives the same text.
             Err(_) => Self(Arc::from(format!("{nonce:016x}-{n:x}").as_str())),
         }
+    }
+
+    /// The token of a caller-supplied owner identity (a stream message id, a delivery id): the
+    /// same identity always gives the same token, and it never equals a generated one.
+    ///
+    /// ```
+    /// use tower_idempotency::store::ClaimToken;
+    /// assert_eq!(ClaimToken::from_owner("1700000000000-0"), ClaimToken::from_owner("1700000000000-0"));
+    /// assert_eq!(ClaimToken::from_owner("1-0").as_str(), "owner:1-0");
+    /// ```
+    pub fn from_owner(owner: &str) -> Self {
+        Self(Arc::from(format!("owner:{owner}").as_str()))
     }
 
     /// A token with the given text; for stores and tests that need a known value.
@@ -147,6 +164,14 @@ pub enum StoreError {
     /// Any other backend failure, for stores outside this crate.
     #[error("idempotency store backend error")]
     Backend(#[source] Arc<dyn std::error::Error + Send + Sync + 'static>),
+    /// A store setting was refused when the store was built; nothing was sent.
+    #[error("invalid store setting `{setting}`: {reason}")]
+    InvalidSetting {
+        /// The setting, e.g. `timeout`.
+        setting: &'static str,
+        /// What is wrong and what to change.
+        reason: String,
+    },
 }
 
 impl StoreError {
@@ -156,8 +181,11 @@ impl StoreError {
         match self {
             StoreError::Timeout { .. } => true,
             #[cfg(feature = "redis")]
-            StoreError::Redis { source, .. } => source.is_io_error() || source.is_timeout(),
-            StoreError::UnexpectedReply { .. } => false,
+            StoreError::Redis { source, .. } => {
+                // A refused connection never carried the command.
+                (source.is_io_error() || source.is_timeout()) && !source.is_connection_refusal()
+            }
+            StoreError::UnexpectedReply { .. } | StoreError::InvalidSetting { .. } => false,
             StoreError::Backend(_) => true,
         }
     }
@@ -180,6 +208,7 @@ impl StoreError {
             }
             StoreError::UnexpectedReply { .. } => "unexpected_reply",
             StoreError::Backend(_) => "backend",
+            StoreError::InvalidSetting { .. } => "invalid_setting",
         }
     }
 }
@@ -206,7 +235,11 @@ impl StoreError {
 /// # Ok(()) }
 /// ```
 pub trait IdempotencyStore: Send + Sync + 'static {
-    /// Atomically claims `key` for `token` for `ttl`, unless someone holds it.
+    /// Atomically claims `key` for `token` for `ttl`, unless someone else holds it.
+    ///
+    /// Must be idempotent per owner: when `key` is already held by `token` (the same command
+    /// resent after a lost reply, or a retry of the same job under a stable owner identity) the
+    /// answer is [`ClaimOutcome::Acquired`], never a duplicate of ourselves.
     fn claim(
         &self,
         key: &str,
@@ -226,6 +259,12 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         token: &ClaimToken,
         ttl: Duration,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// The longest TTL this store can express; the layer refuses a longer one when it is built.
+    /// The default is 100 years.
+    fn max_ttl(&self) -> Duration {
+        Duration::from_secs(100 * 365 * 24 * 3600)
+    }
 }
 
 impl<T: IdempotencyStore> IdempotencyStore for Arc<T> {
@@ -250,6 +289,10 @@ impl<T: IdempotencyStore> IdempotencyStore for Arc<T> {
     ) -> impl Future<Output = Result<bool, StoreError>> + Send {
         (**self).renew(key, token, ttl)
     }
+
+    fn max_ttl(&self) -> Duration {
+        (**self).max_ttl()
+    }
 }
 
 /// Futures returned by the type-erased store the layer holds.
@@ -265,6 +308,7 @@ pub(crate) trait ErasedStore: Send + Sync + 'static {
     ) -> BoxFuture<Result<ClaimOutcome, StoreError>>;
     fn release(self: Arc<Self>, key: Arc<str>, token: ClaimToken) -> BoxFuture<Result<bool, StoreError>>;
     fn renew(self: Arc<Self>, key: Arc<str>, token: ClaimToken, ttl: Duration) -> BoxFuture<Result<bool, StoreError>>;
+    fn max_ttl(&self) -> Duration;
 }
 
 impl<T: IdempotencyStore> ErasedStore for T {
@@ -282,6 +326,29 @@ impl<T: IdempotencyStore> ErasedStore for T {
     fn renew(self: Arc<Self>, key: Arc<str>, token: ClaimToken, ttl: Duration) -> BoxFuture<Result<bool, StoreError>> {
         Box::pin(async move { IdempotencyStore::renew(&*self, &key, &token, ttl).await })
     }
+    fn max_ttl(&self) -> Duration {
+        IdempotencyStore::max_ttl(self)
+    }
+}
+
+/// Checks a store's per-call timeout when the store is built: zero would fail every call, and
+/// a bound over an hour is no bound (and overflows the connect limit, four times it).
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) fn validate_timeout(timeout: Duration) -> Result<Duration, StoreError> {
+    const MAX: Duration = Duration::from_secs(3600);
+    if timeout.is_zero() {
+        return Err(StoreError::InvalidSetting {
+            setting: "timeout",
+            reason: "a zero timeout fails every call; use a positive bound such as 500 ms".into(),
+        });
+    }
+    if timeout > MAX {
+        return Err(StoreError::InvalidSetting {
+            setting: "timeout",
+            reason: format!("{timeout:?} is longer than the 1 h maximum; a store call that may hang that long is not bounded, use a value in milliseconds"),
+        });
+    }
+    Ok(timeout * 4)
 }
 
 #[cfg(test)]

@@ -1,8 +1,9 @@
-//! The Redis-backed claim store: one `SET NX PX` per claim, shared by every process.
+//! The Redis-backed claim store: one `SET NX GET PX` per claim, shared by every process.
 
 use std::fmt;
 use std::future::Future;
-use std::sync::LazyLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -18,6 +19,14 @@ static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
     )
 });
 
+/// The claim for servers older than Redis 7.0, which refuse `SET … NX GET`: the same answer
+/// (set, or the value that was there) in one atomic script.
+static CLAIM_COMPAT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        "local v = redis.call('GET', KEYS[1]) if v then return v end redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return false",
+    )
+});
+
 /// Extends the key's TTL only if it still holds our token.
 static RENEW: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
@@ -30,7 +39,11 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Claims kept in Redis, shared by every process that talks to the same server.
 ///
-/// A claim is one atomic `SET <key> <token> NX PX <ttl>`; release and renewal are Lua scripts
+/// A claim is one atomic `SET <key> <token> NX GET PX <ttl>` (Redis ≥ 7.0; older servers get an
+/// equivalent script, chosen once after the server refuses the command). `GET` returns the
+/// holder's token, so a claim that finds **its own** token — the cluster client resending a
+/// `SET` whose first copy landed, or a retry under a stable owner identity — is `Acquired`, not
+/// a duplicate of itself. Release and renewal are Lua scripts
 /// that compare the stored token before `DEL` / `PEXPIRE` (run with `EVALSHA`, reloaded on
 /// `NOSCRIPT` by [`redis::Script`]). Every call is bounded by a timeout (default
 /// [`DEFAULT_TIMEOUT`]).
@@ -56,6 +69,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
 pub struct RedisStore<C = ConnectionManager> {
     conn: C,
     timeout: Duration,
+    /// Set once the server refused `SET … NX GET` (Redis < 7.0): claims use the script.
+    compat: Arc<AtomicBool>,
 }
 
 impl<C> fmt::Debug for RedisStore<C> {
@@ -136,37 +151,34 @@ impl RedisStoreBuilder {
         Ok((client, config))
     }
 
-    /// Connects now; fails if Redis cannot be reached within the timeout.
+    /// Connects now; fails if Redis cannot be reached within four times the timeout, and
+    /// refuses a zero timeout or one over an hour ([`StoreError::InvalidSetting`]).
     pub async fn connect(self) -> Result<RedisStore, StoreError> {
+        let limit = super::validate_timeout(self.timeout)?;
         let (client, config) = self.client_and_config()?;
-        let conn = tokio::time::timeout(self.timeout * 4, ConnectionManager::new_with_config(client, config))
+        let conn = tokio::time::timeout(limit, ConnectionManager::new_with_config(client, config))
             .await
             .map_err(|_| StoreError::Timeout {
                 operation: "connect",
-                after: self.timeout * 4,
+                after: limit,
             })?
             .map_err(|source| StoreError::Redis {
                 operation: "connect",
                 source,
             })?;
-        Ok(RedisStore {
-            conn,
-            timeout: self.timeout,
-        })
+        Ok(RedisStore::from_connection(conn).with_timeout(self.timeout))
     }
 
     /// Builds the store without connecting; the first call connects. Lets a service start while
     /// Redis is down (its calls fail closed until Redis is back). Needs a Tokio runtime.
     pub fn connect_lazy(self) -> Result<RedisStore, StoreError> {
+        super::validate_timeout(self.timeout)?;
         let (client, config) = self.client_and_config()?;
         let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(|source| StoreError::Redis {
             operation: "connect",
             source,
         })?;
-        Ok(RedisStore {
-            conn,
-            timeout: self.timeout,
-        })
+        Ok(RedisStore::from_connection(conn).with_timeout(self.timeout))
     }
 }
 
@@ -198,10 +210,12 @@ where
         Self {
             conn,
             timeout: DEFAULT_TIMEOUT,
+            compat: Arc::new(AtomicBool::new(false)),
         }
     }
 
-    /// Sets the bound on every call.
+    /// Sets the bound on every call. A zero timeout makes every call fail with
+    /// [`StoreError::Timeout`]; the builders refuse it.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -238,6 +252,23 @@ where
     }
 }
 
+impl<C> RedisStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    async fn claim_by_script(
+        &self,
+        conn: &mut C,
+        key: &str,
+        token: &ClaimToken,
+        ttl: Duration,
+    ) -> Result<Value, StoreError> {
+        let mut invocation = CLAIM_COMPAT.key(key);
+        invocation.arg(token.as_str()).arg(ttl_millis(ttl));
+        self.bounded("claim", invocation.invoke_async(conn)).await
+    }
+}
+
 fn ttl_millis(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
 }
@@ -248,21 +279,43 @@ where
 {
     async fn claim(&self, key: &str, token: &ClaimToken, ttl: Duration) -> Result<ClaimOutcome, StoreError> {
         let mut conn = self.conn.clone();
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(key)
-            .arg(token.as_str())
-            .arg("NX")
-            .arg("PX")
-            .arg(ttl_millis(ttl));
-        let reply: Value = self.bounded("claim", cmd.query_async(&mut conn)).await?;
+        let reply: Value = if self.compat.load(Ordering::Relaxed) {
+            self.claim_by_script(&mut conn, key, token, ttl).await?
+        } else {
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(key)
+                .arg(token.as_str())
+                .arg("NX")
+                .arg("GET")
+                .arg("PX")
+                .arg(ttl_millis(ttl));
+            match self.bounded("claim", cmd.query_async(&mut conn)).await {
+                Err(StoreError::Redis { source, .. })
+                    if source.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError)
+                        && source.to_string().contains("syntax error") =>
+                {
+                    // Redis < 7.0 does not take NX with GET; nothing was applied.
+                    tracing::info!("redis refused `SET … NX GET` (server older than 7.0); claiming with a script");
+                    self.compat.store(true, Ordering::Relaxed);
+                    self.claim_by_script(&mut conn, key, token, ttl).await?
+                }
+                other => other?,
+            }
+        };
         match reply {
-            Value::Okay => Ok(ClaimOutcome::Acquired),
-            Value::Nil => Ok(ClaimOutcome::AlreadyClaimed),
+            Value::Okay | Value::Nil => Ok(ClaimOutcome::Acquired),
+            Value::BulkString(holder) if holder == token.as_str().as_bytes() => Ok(ClaimOutcome::Acquired),
+            Value::BulkString(_) => Ok(ClaimOutcome::AlreadyClaimed),
             other => Err(StoreError::UnexpectedReply {
                 operation: "claim",
                 reply: format!("{other:?}"),
             }),
         }
+    }
+
+    fn max_ttl(&self) -> Duration {
+        // `PX` takes a signed 64-bit millisecond count, to which Redis adds the current time.
+        Duration::from_millis(i64::MAX as u64 / 2)
     }
 
     async fn release(&self, key: &str, token: &ClaimToken) -> Result<bool, StoreError> {

@@ -16,7 +16,7 @@ use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 
 use super::StoreError;
-use super::redis::{DEFAULT_TIMEOUT, RedisStore};
+use super::redis::{DEFAULT_TIMEOUT, RedisStore, redact_password};
 
 /// Builds a [`RedisStore`] over a Redis Cluster connection. See [`RedisStore::cluster_builder`].
 #[derive(Clone)]
@@ -35,19 +35,6 @@ impl fmt::Debug for RedisClusterStoreBuilder {
             .field("timeout", &self.timeout)
             .field("retries", &self.retries)
             .finish()
-    }
-}
-
-fn redact_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    match rest.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-            None => format!("{scheme}://***@{host}"),
-        },
-        None => url.to_owned(),
     }
 }
 
@@ -84,8 +71,8 @@ impl RedisClusterStoreBuilder {
     /// Connects to the cluster now (reads its slot map); fails if no node answers within four
     /// times the timeout.
     pub async fn connect(self) -> Result<RedisStore<ClusterConnection>, StoreError> {
+        let limit = super::validate_timeout(self.timeout)?;
         let client = self.client()?;
-        let limit = self.timeout * 4;
         let conn = tokio::time::timeout(limit, client.get_async_connection())
             .await
             .map_err(|_| StoreError::Timeout {

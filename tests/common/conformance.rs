@@ -35,8 +35,30 @@ pub mod cases {
         let (a, b) = (ClaimToken::generate(), ClaimToken::generate());
         assert_eq!(h.store.claim("k", &a, TTL).await.unwrap(), ClaimOutcome::Acquired);
         assert_eq!(h.store.claim("k", &b, TTL).await.unwrap(), ClaimOutcome::AlreadyClaimed);
-        // Not even the owner's token claims twice: a claim is a claim.
-        assert_eq!(h.store.claim("k", &a, TTL).await.unwrap(), ClaimOutcome::AlreadyClaimed);
+        assert_eq!(
+            h.store.claim("k", &ClaimToken::generate(), TTL).await.unwrap(),
+            ClaimOutcome::AlreadyClaimed
+        );
+    }
+
+    /// A claim that finds its own token (a resent command whose first copy landed, a retry
+    /// under a stable owner identity) is ours: `Acquired`, never a duplicate of itself.
+    pub async fn claim_is_idempotent_per_owner<S: IdempotencyStore>(h: Harness<S>) {
+        let (mine, other) = (ClaimToken::from_owner("1700000000000-0"), ClaimToken::generate());
+        assert_eq!(h.store.claim("k", &mine, TTL).await.unwrap(), ClaimOutcome::Acquired);
+        assert_eq!(
+            h.store.claim("k", &mine, TTL).await.unwrap(),
+            ClaimOutcome::Acquired,
+            "a resend of our own claim is told it holds the key"
+        );
+        assert_eq!(h.store.claim("k", &other, TTL).await.unwrap(), ClaimOutcome::AlreadyClaimed);
+        assert!(h.store.release("k", &mine).await.unwrap(), "the claim is still ours");
+        assert_eq!(h.store.claim("k", &other, TTL).await.unwrap(), ClaimOutcome::Acquired);
+        assert_eq!(
+            h.store.claim("k", &mine, TTL).await.unwrap(),
+            ClaimOutcome::AlreadyClaimed,
+            "once another owner holds it, our token is a duplicate"
+        );
     }
 
     pub async fn keys_are_independent<S: IdempotencyStore>(h: Harness<S>) {
@@ -152,6 +174,10 @@ macro_rules! conformance {
             #[tokio::test]
             async fn duplicate_is_refused() {
                 cases::duplicate_is_refused($harness).await
+            }
+            #[tokio::test]
+            async fn claim_is_idempotent_per_owner() {
+                cases::claim_is_idempotent_per_owner($harness).await
             }
             #[tokio::test]
             async fn keys_are_independent() {

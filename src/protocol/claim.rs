@@ -1,0 +1,352 @@
+//! Claiming a key: one store round trip, shared by every caller of the same key at once when
+//! coalescing is on, and turned into a [`Decision`] under the layer's policies.
+//!
+//! A claim in flight is an `Attempt`. Without coalescing each caller has its own; with it,
+//! concurrent callers of one key join the same attempt as members. The rules that keep
+//! coalescing from ever dispatching more than no coalescing would:
+//!
+//! - **Whoever polls drives.** The store call lives in the attempt, not in one caller's future:
+//!   any member's poll advances it, and its wake-up reaches every member. A member never waits
+//!   on another member being polled, so it decides within the store's own bound.
+//! - **One lease per attempt.** An `Acquired` answer is taken by exactly one member (the first
+//!   to see it); the others are duplicates. If the member that sent the claim went away, the
+//!   claim still goes to a member that is there — it is not deleted under their feet.
+//! - **One fail-open dispatch per attempt.** Under fail-open or shadow mode, a store error lets
+//!   one member dispatch (holding the claim, if it may have landed); the others are duplicates.
+//!   Under fail-closed, every member fails closed.
+//! - **Cleanup only for what was sent.** When the last member goes away and nobody holds a claim
+//!   that may have landed, the attempt hands it to the background owner; an attempt whose
+//!   command was never sent, or was refused before reaching the store, leaves nothing behind.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll, Wake, Waker};
+
+use tokio::time::Instant;
+
+use super::background::Work;
+use super::lease::Lease;
+use super::Protocol;
+use crate::error::Chain;
+use crate::settings::StoreErrorPolicy;
+use crate::store::{BoxFuture, ClaimOutcome, ClaimToken, StoreError};
+use crate::IdempotencyKey;
+
+/// What the protocol decided for one caller.
+pub(crate) enum Decision {
+    /// Call the inner service. With a lease when a claim protects the call (acquired, or adopted
+    /// after a store error that may have applied); without one in shadow mode or when failing
+    /// open on a claim that certainly did not land.
+    Dispatch(Option<Lease>),
+    /// Someone else holds the key.
+    Duplicate,
+    /// The store could not answer; failed closed.
+    Unavailable(StoreError),
+}
+
+/// The claims in flight per key, for coalescing.
+#[derive(Debug, Default)]
+pub(crate) struct Coalescer {
+    inflight: Mutex<HashMap<Arc<str>, Weak<Attempt>>>,
+}
+
+impl Coalescer {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, Weak<Attempt>>> {
+        self.inflight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Removes `key`'s entry if it is `attempt`'s.
+    fn forget(&self, key: &Arc<str>, attempt: *const Attempt) {
+        let mut inflight = self.lock();
+        if inflight.get(key).is_some_and(|w| std::ptr::eq(w.as_ptr(), attempt)) {
+            inflight.remove(key);
+        }
+    }
+}
+
+struct Attempt {
+    protocol: Arc<Protocol>,
+    key: IdempotencyKey,
+    full_key: Arc<str>,
+    token: ClaimToken,
+    coalesced: bool,
+    state: Mutex<AttemptState>,
+    wakers: Arc<Wakers>,
+}
+
+impl std::fmt::Debug for Attempt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attempt").field("key", &self.key).finish_non_exhaustive()
+    }
+}
+
+struct AttemptState {
+    progress: Progress,
+    /// A member holds the claim (acquired, or adopted after an error that may have applied).
+    lease_taken: bool,
+    /// A member dispatched on a store error (fail-open or shadow mode).
+    dispatch_taken: bool,
+}
+
+enum Progress {
+    Sending {
+        claim: BoxFuture<Result<ClaimOutcome, StoreError>>,
+        /// Polled at least once: the command may have reached the store.
+        sent: bool,
+    },
+    Answered(Result<ClaimOutcome, StoreError>),
+}
+
+/// The members' wakers; the store call is polled with a waker that wakes them all, so the
+/// answer reaches every member whoever polled last.
+#[derive(Default)]
+struct Wakers {
+    members: Mutex<Vec<(u64, Waker)>>,
+    next: AtomicU64,
+}
+
+impl Wakers {
+    fn lock(&self) -> MutexGuard<'_, Vec<(u64, Waker)>> {
+        self.members.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn register(&self, member: u64, waker: &Waker) {
+        let mut members = self.lock();
+        match members.iter_mut().find(|(id, _)| *id == member) {
+            Some((_, w)) if w.will_wake(waker) => {}
+            Some((_, w)) => w.clone_from(waker),
+            None => members.push((member, waker.clone())),
+        }
+    }
+
+    fn unregister(&self, member: u64) {
+        self.lock().retain(|(id, _)| *id != member);
+    }
+}
+
+impl Wake for Wakers {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let wakers: Vec<Waker> = self.lock().iter().map(|(_, w)| w.clone()).collect();
+        wakers.into_iter().for_each(Waker::wake);
+    }
+}
+
+impl Attempt {
+    fn new(
+        protocol: &Arc<Protocol>,
+        key: IdempotencyKey,
+        full_key: Arc<str>,
+        owner: Option<ClaimToken>,
+        coalesced: bool,
+    ) -> Arc<Self> {
+        let token = owner.unwrap_or_else(ClaimToken::generate);
+        let settings = &protocol.settings;
+        let claim = settings
+            .store
+            .clone()
+            .claim(full_key.clone(), token.clone(), settings.ttl);
+        Arc::new(Self {
+            protocol: protocol.clone(),
+            key,
+            full_key,
+            token,
+            coalesced,
+            state: Mutex::new(AttemptState {
+                progress: Progress::Sending { claim, sent: false },
+                lease_taken: false,
+                dispatch_taken: false,
+            }),
+            wakers: Arc::new(Wakers {
+                members: Mutex::new(Vec::new()),
+                next: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, AttemptState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lease(&self, confirmed: bool) -> Lease {
+        Lease::new(
+            self.protocol.clone(),
+            self.key.clone(),
+            self.full_key.clone(),
+            self.token.clone(),
+            confirmed,
+        )
+    }
+
+    /// The decision for one member, once the store answered.
+    fn decide(&self, state: &mut AttemptState) -> Decision {
+        let AttemptState {
+            progress,
+            lease_taken,
+            dispatch_taken,
+        } = state;
+        let Progress::Answered(answer) = progress else {
+            return Decision::Unavailable(StoreError::UnexpectedReply {
+                operation: "claim",
+                reply: "no answer yet".into(),
+            });
+        };
+        let settings = &self.protocol.settings;
+        let key = &self.key;
+        match answer {
+            Ok(ClaimOutcome::Acquired) if !*lease_taken => {
+                *lease_taken = true;
+                tracing::info!(key = %key, outcome = "claimed", "claimed; dispatching");
+                Decision::Dispatch(Some(self.lease(true)))
+            }
+            Ok(_) => self.duplicate(),
+            Err(error) if settings.store_error_policy == StoreErrorPolicy::FailClosed && !settings.shadow => {
+                tracing::error!(key = %key, outcome = "store_unavailable", error = %Chain(error), "idempotency store error; failing closed, nothing dispatched");
+                settings.reporter.store_error(&self.full_key, error, true);
+                Decision::Unavailable(error.clone())
+            }
+            Err(_) if *dispatch_taken => self.duplicate(),
+            Err(error) => {
+                *dispatch_taken = true;
+                // If the claim may have landed, it protects this dispatch: keep it, never clean
+                // it up under the running job.
+                let lease = (error.may_have_applied() && !*lease_taken).then(|| {
+                    *lease_taken = true;
+                    self.lease(false)
+                });
+                if settings.shadow {
+                    tracing::warn!(key = %key, outcome = "shadow_store_error", shadow = true, error = %Chain(error), "shadow mode: store error would have failed closed; dispatching");
+                } else {
+                    tracing::warn!(key = %key, outcome = "fail_open", error = %Chain(error), "idempotency store error; failing open, dispatching");
+                }
+                settings.reporter.store_error(&self.full_key, error, false);
+                Decision::Dispatch(lease)
+            }
+        }
+    }
+
+    fn duplicate(&self) -> Decision {
+        if self.protocol.settings.shadow {
+            tracing::info!(key = %self.key, outcome = "shadow_duplicate", shadow = true, "shadow mode: would have skipped a duplicate; dispatching");
+            Decision::Dispatch(None)
+        } else {
+            tracing::info!(key = %self.key, outcome = "duplicate", "duplicate; skipping");
+            Decision::Duplicate
+        }
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        let maybe_landed = match &state.progress {
+            Progress::Sending { sent, .. } => *sent,
+            Progress::Answered(Ok(ClaimOutcome::Acquired)) => true,
+            Progress::Answered(Ok(ClaimOutcome::AlreadyClaimed)) => false,
+            Progress::Answered(Err(error)) => error.may_have_applied(),
+        };
+        if maybe_landed && !state.lease_taken {
+            tracing::debug!(key = %self.key, outcome = "cleanup", "a claim that may have landed has no holder; removing it in the background");
+            let settings = &self.protocol.settings;
+            settings.background.submit(
+                self.full_key.clone(),
+                self.token.clone(),
+                Work::Cleanup,
+                Instant::now() + settings.ttl,
+            );
+        }
+        if self.coalesced
+            && let Some(coalescer) = &self.protocol.settings.coalescer
+        {
+            coalescer.forget(&self.full_key, self);
+        }
+    }
+}
+
+/// One caller's claim in flight: a member of an attempt. Resolves to a [`Decision`].
+pub(crate) struct Claiming {
+    attempt: Arc<Attempt>,
+    member: u64,
+}
+
+impl std::fmt::Debug for Claiming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Claiming")
+            .field("key", &self.attempt.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Claiming {
+    pub(super) fn start(protocol: &Arc<Protocol>, key: IdempotencyKey, owner: Option<ClaimToken>) -> Self {
+        let full_key = protocol.full_key(&key);
+        let Some(coalescer) = &protocol.settings.coalescer else {
+            return Self {
+                attempt: Attempt::new(protocol, key, full_key, owner, false),
+                member: 0,
+            };
+        };
+        let mut inflight = coalescer.lock();
+        // A caller with its own stable identity joins only an attempt under that identity: its
+        // own earlier claim answers `Acquired` to it, which another token's attempt would not.
+        if let Some(attempt) = inflight.get(&full_key).and_then(Weak::upgrade)
+            && owner.as_ref().is_none_or(|owner| *owner == attempt.token)
+        {
+            let member = attempt.wakers.next.fetch_add(1, Ordering::Relaxed);
+            return Self { attempt, member };
+        }
+        let attempt = Attempt::new(protocol, key, full_key.clone(), owner, true);
+        inflight.insert(full_key, Arc::downgrade(&attempt));
+        Self { attempt, member: 0 }
+    }
+
+    /// The key being claimed.
+    pub(crate) fn key(&self) -> &IdempotencyKey {
+        &self.attempt.key
+    }
+
+    /// Drives the claim (whoever polls drives it) and decides for this caller.
+    pub(crate) fn poll_decision(&mut self, cx: &mut Context<'_>) -> Poll<Decision> {
+        let attempt = &*self.attempt;
+        let mut state = attempt.lock();
+        let mut answered_now = false;
+        if let Progress::Sending { claim, sent } = &mut state.progress {
+            *sent = true;
+            let polled = if attempt.coalesced {
+                attempt.wakers.register(self.member, cx.waker());
+                let waker = Waker::from(attempt.wakers.clone());
+                claim.as_mut().poll(&mut Context::from_waker(&waker))
+            } else {
+                claim.as_mut().poll(cx)
+            };
+            let Poll::Ready(answer) = polled else {
+                return Poll::Pending;
+            };
+            state.progress = Progress::Answered(answer);
+            answered_now = true;
+        }
+        let decision = attempt.decide(&mut state);
+        drop(state);
+        if answered_now && attempt.coalesced {
+            // Callers from now on go to the store (and find the claim there).
+            if let Some(coalescer) = &attempt.protocol.settings.coalescer {
+                coalescer.forget(&attempt.full_key, attempt);
+            }
+            attempt.wakers.unregister(self.member);
+            Wake::wake_by_ref(&attempt.wakers);
+        }
+        Poll::Ready(decision)
+    }
+}
+
+impl Drop for Claiming {
+    fn drop(&mut self) {
+        if self.attempt.coalesced {
+            self.attempt.wakers.unregister(self.member);
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! A held claim: renewed while the job runs (up to the maximum hold), then kept or released.
+//!
+//! Drop semantics, which the futures inherit:
+//! - dropped while the job runs ([`Running`]): the claim is **kept** until its TTL — the job may
+//!   already have had its effect, and a second dispatch is what this crate prevents;
+//! - dropped while releasing ([`Releasing`]): the release is finished by the background owner.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use tokio::time::{Instant, Sleep};
+
+use super::Protocol;
+use super::background::Work;
+use crate::IdempotencyKey;
+use crate::classify::Settle;
+use crate::error::Chain;
+use crate::settings::LostClaimPolicy;
+use crate::store::{BoxFuture, ClaimToken, StoreError};
+
+/// The claim protecting one dispatch.
+pub(crate) struct Lease {
+    protocol: Arc<Protocol>,
+    key: IdempotencyKey,
+    full_key: Arc<str>,
+    token: ClaimToken,
+    /// The store confirmed the claim. `false`: adopted after a store error that may have
+    /// applied (fail-open, shadow mode); it may not exist, so it is not renewed.
+    confirmed: bool,
+    acquired_at: Instant,
+    /// Latest time the claim can still exist (an upper bound).
+    expires_at: Instant,
+    settled: bool,
+}
+
+impl Lease {
+    pub(super) fn new(
+        protocol: Arc<Protocol>,
+        key: IdempotencyKey,
+        full_key: Arc<str>,
+        token: ClaimToken,
+        confirmed: bool,
+    ) -> Self {
+        let now = Instant::now();
+        let expires_at = now + protocol.settings.ttl;
+        Self {
+            protocol,
+            key,
+            full_key,
+            token,
+            confirmed,
+            acquired_at: now,
+            expires_at,
+            settled: false,
+        }
+    }
+
+    /// The job starts: renew while it runs, if renewal is on and the claim is confirmed.
+    pub(crate) fn run(self) -> Running {
+        let settings = &self.protocol.settings;
+        let renewal = settings.renewal.filter(|_| self.confirmed).map(|every| Renewal {
+            every,
+            hold_until: self.acquired_at + settings.max_hold(),
+            sleep: Box::pin(tokio::time::sleep(every)),
+            in_flight: None,
+            sent_at: self.acquired_at,
+        });
+        Running { lease: self, renewal }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if !self.settled {
+            tracing::info!(key = %self.key, outcome = "dropped", "dropped while the job ran; claim kept until its TTL");
+        }
+    }
+}
+
+/// The claim while the job runs.
+pub(crate) struct Running {
+    lease: Lease,
+    renewal: Option<Renewal>,
+}
+
+struct Renewal {
+    every: Duration,
+    hold_until: Instant,
+    sleep: Pin<Box<Sleep>>,
+    in_flight: Option<BoxFuture<Result<bool, StoreError>>>,
+    sent_at: Instant,
+}
+
+enum RenewalEnd {
+    Lost,
+    MaxHold,
+}
+
+impl Running {
+    /// The key the job runs for.
+    pub(crate) fn key(&self) -> &IdempotencyKey {
+        &self.lease.key
+    }
+
+    /// Drives renewal while the job runs. Ready when the claim was found lost and the
+    /// lost-claim policy says to abort the job.
+    pub(crate) fn poll_abort(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(renewal) = self.renewal.as_mut() else {
+            return Poll::Pending;
+        };
+        let end = ready!(renewal.poll(cx, &mut self.lease));
+        self.renewal = None;
+        let lease = &mut self.lease;
+        let settings = &lease.protocol.settings;
+        match end {
+            RenewalEnd::MaxHold => {
+                tracing::warn!(key = %lease.key, outcome = "max_hold", max_hold = ?settings.max_hold(), "maximum hold reached; renewal stopped, the claim expires within its TTL");
+                Poll::Pending
+            }
+            RenewalEnd::Lost => {
+                tracing::error!(key = %lease.key, outcome = "claim_lost", "claim lost while the job ran; another trigger may dispatch");
+                settings.reporter.claim_lost(&lease.full_key);
+                if settings.lost_claim == LostClaimPolicy::Abort {
+                    // Not ours any more: nothing to keep or release.
+                    lease.settled = true;
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                }
+            }
+        }
+    }
+
+    /// The job finished: keep the claim, or start releasing it.
+    pub(crate) fn settle(mut self, settle: Settle) -> Option<Releasing> {
+        match settle {
+            Settle::Keep => {
+                tracing::info!(key = %self.lease.key, outcome = "dispatched", "dispatched; claim kept until its TTL");
+                self.lease.settled = true;
+                None
+            }
+            Settle::Release => {
+                let lease = self.lease;
+                let release = lease
+                    .protocol
+                    .settings
+                    .store
+                    .clone()
+                    .release(lease.full_key.clone(), lease.token.clone());
+                Some(Releasing {
+                    lease: Some(lease),
+                    release,
+                })
+            }
+        }
+    }
+}
+
+impl Renewal {
+    fn poll(&mut self, cx: &mut Context<'_>, lease: &mut Lease) -> Poll<RenewalEnd> {
+        loop {
+            if let Some(in_flight) = self.in_flight.as_mut() {
+                let answer = ready!(in_flight.as_mut().poll(cx));
+                self.in_flight = None;
+                match answer {
+                    Ok(true) => {
+                        lease.expires_at = self.sent_at + lease.protocol.settings.ttl;
+                        tracing::debug!(key = %lease.key, "claim renewed");
+                    }
+                    Ok(false) => return Poll::Ready(RenewalEnd::Lost),
+                    // Not proof of loss: the store may be briefly unreachable. Retry next tick.
+                    Err(error) => {
+                        tracing::warn!(key = %lease.key, error = %Chain(&error), "renewing the claim failed; will retry")
+                    }
+                }
+                self.sleep.as_mut().reset(Instant::now() + self.every);
+            }
+            ready!(self.sleep.as_mut().poll(cx));
+            let now = Instant::now();
+            if now >= self.hold_until {
+                return Poll::Ready(RenewalEnd::MaxHold);
+            }
+            self.sent_at = now;
+            let settings = &lease.protocol.settings;
+            self.in_flight = Some(settings.store.clone().renew(
+                lease.full_key.clone(),
+                lease.token.clone(),
+                settings.ttl,
+            ));
+        }
+    }
+}
+
+/// Releasing the claim of a blocked job.
+pub(crate) struct Releasing {
+    /// `None` once the release has finished (or been handed to the background owner).
+    lease: Option<Lease>,
+    release: BoxFuture<Result<bool, StoreError>>,
+}
+
+impl Releasing {
+    /// Ready with `Ok` when the claim is gone, or with the key and error when it could not be
+    /// released: the claim still stands, and the background owner retries until it is released
+    /// or expires.
+    pub(crate) fn poll_released(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), (IdempotencyKey, StoreError)>> {
+        let answer = ready!(self.release.as_mut().poll(cx));
+        let Some(mut lease) = self.lease.take() else {
+            return Poll::Ready(Ok(()));
+        };
+        lease.settled = true;
+        match answer {
+            Ok(true) => tracing::info!(key = %lease.key, outcome = "released", "blocked; claim released"),
+            Ok(false) => tracing::warn!(key = %lease.key, outcome = "released", "blocked, but the claim was already gone (expired or taken over)"),
+            Err(error) => {
+                tracing::error!(key = %lease.key, outcome = "release_failed", error = %Chain(&error), "blocked, but releasing the claim failed; retrying in the background until it is released or expires");
+                lease.protocol.settings.background.submit(
+                    lease.full_key.clone(),
+                    lease.token.clone(),
+                    Work::Release,
+                    lease.expires_at,
+                );
+                return Poll::Ready(Err((lease.key.clone(), error)));
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for Releasing {
+    fn drop(&mut self) {
+        if let Some(mut lease) = self.lease.take() {
+            lease.settled = true;
+            tracing::debug!(key = %lease.key, outcome = "dropped", "dropped while releasing; the release is finished in the background");
+            lease.protocol.settings.background.submit(
+                lease.full_key.clone(),
+                lease.token.clone(),
+                Work::Release,
+                lease.expires_at,
+            );
+        }
+    }
+}
