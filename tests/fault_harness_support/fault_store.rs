@@ -66,6 +66,8 @@ pub struct FaultStore {
     injected: [AtomicUsize; 4],
     operations: AtomicUsize,
     answers: Mutex<HashMap<String, Answers>>,
+    /// Replaces the TTL of every claim and renewal in the memory store, when set.
+    keep_claims_for: Option<Duration>,
 }
 
 impl FaultStore {
@@ -78,7 +80,16 @@ impl FaultStore {
             injected: Default::default(),
             operations: AtomicUsize::new(0),
             answers: Mutex::default(),
+            keep_claims_for: None,
         }
+    }
+
+    /// Keeps every claim for `hold` instead of the TTL the layer asked for. With `hold` far
+    /// beyond the run, no claim expires during it, so whatever frees a key was the protocol's
+    /// own release or cleanup, never the TTL; a claim the protocol forgot stays and is found.
+    pub fn keeping_claims_for(mut self, hold: Duration) -> Self {
+        self.keep_claims_for = Some(hold);
+        self
     }
 
     /// From now on every call is answered at once, without faults.
@@ -155,6 +166,7 @@ impl FaultStore {
 
 impl IdempotencyStore for FaultStore {
     async fn claim(&self, key: &str, token: &ClaimToken, ttl: Duration) -> Result<ClaimOutcome, StoreError> {
+        let ttl = self.keep_claims_for.unwrap_or(ttl);
         let answer = self.faulty("claim", self.inner.claim(key, token, ttl)).await;
         let mut answers = self.answers.lock().unwrap();
         let seen = answers.entry(key.to_owned()).or_default();
@@ -171,6 +183,7 @@ impl IdempotencyStore for FaultStore {
     }
 
     async fn renew(&self, key: &str, token: &ClaimToken, ttl: Duration) -> Result<bool, StoreError> {
+        let ttl = self.keep_claims_for.unwrap_or(ttl);
         self.faulty("renew", self.inner.renew(key, token, ttl)).await
     }
 }

@@ -60,6 +60,21 @@ impl Stats {
         }
     }
 
+    /// Adds what another run exercised.
+    pub fn merge(&mut self, other: Stats) {
+        self.schedules += other.schedules;
+        self.runs += other.runs;
+        self.calls += other.calls;
+        self.dispatches += other.dispatches;
+        for (kind, n) in other.faults {
+            *self.faults.entry(kind).or_default() += n;
+        }
+        for (result, n) in other.results {
+            *self.results.entry(result).or_default() += n;
+        }
+        self.slowest_drain = self.slowest_drain.max(other.slowest_drain);
+    }
+
     /// `fault harness: N schedules, M calls, F faults injected (k kinds)`.
     pub fn summary(&self) -> String {
         format!(
