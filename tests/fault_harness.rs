@@ -24,7 +24,6 @@
 mod common;
 mod fault_harness_support;
 
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -38,7 +37,8 @@ use fault_harness_support::{
     keys_needing_dispatch, settings_strategy,
 };
 use proptest::prelude::*;
-use proptest::test_runner::{TestCaseError, TestRunner};
+use proptest::strategy::ValueTree;
+use proptest::test_runner::{RngSeed, TestRunner};
 use tokio::time::Instant;
 use tower_idempotency::store::{ClaimOutcome, ClaimToken, IdempotencyStore};
 use tower_idempotency::{RedisStore, StoreError, StoreErrorPolicy};
@@ -60,14 +60,38 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-fn runner(cases: u32) -> TestRunner {
-    TestRunner::new(ProptestConfig {
-        cases,
+/// The seed every schedule of a test is generated from: `FAULT_HARNESS_SEED`, else random.
+/// Printed on failure, so the same schedules can be run again.
+fn seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    match std::env::var("FAULT_HARNESS_SEED") {
+        Ok(v) => v.trim().parse().expect("FAULT_HARNESS_SEED must be a u64"),
+        Err(_) => std::collections::hash_map::RandomState::new().build_hasher().finish(),
+    }
+}
+
+/// `cases` values of `strategy`, from `seed`. Schedules are generated with proptest but not
+/// shrunk: a run depends on real timing, so a shrunk schedule would not reliably fail again.
+/// A failure prints the whole schedule and the seed instead.
+fn generate<S: Strategy>(strategy: &S, cases: u32, seed: u64) -> Vec<S::Value> {
+    let mut runner = TestRunner::new(ProptestConfig {
+        rng_seed: RngSeed::Fixed(seed),
         failure_persistence: None,
-        // Every shrink step re-runs a timed schedule; a few dozen are enough to simplify it.
-        max_shrink_iters: 32,
         ..ProptestConfig::default()
-    })
+    });
+    (0..cases)
+        .map(|_| strategy.new_tree(&mut runner).expect("generate a schedule").current())
+        .collect()
+}
+
+/// Panics with every violation, the schedules that broke them and the seed.
+fn report(test: &str, failures: Vec<String>, cases: u32, seed: u64) {
+    assert!(
+        failures.is_empty(),
+        "{test}: {} of {cases} schedules broke an invariant (FAULT_HARNESS_SEED={seed} generates them again):\n\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -81,12 +105,13 @@ struct Schedule {
     settings: Settings,
 }
 
-/// Claims live 250 ms for the layer (so background jobs, whose deadlines are the claim's
-/// expiry, end soon after a schedule), but the fault store keeps them for a minute: no claim
-/// expires during a run, and (c) sees only what the protocol itself released or cleaned up.
+/// Claims live 1.5 s for the layer, longer than the protocol's longest pause between two
+/// background attempts on one claim (1 s), so a background job always gets another attempt
+/// once the store answers again. The fault store keeps claims for a minute: no claim expires
+/// during a run, and (c) sees only what the protocol itself released or cleaned up.
 fn memory_params() -> Params {
     Params {
-        ttl: Duration::from_millis(250),
+        ttl: Duration::from_millis(1500),
         store_timeout: Duration::from_millis(20),
         renew_every: Duration::from_millis(5),
         margin: margin(),
@@ -140,7 +165,9 @@ async fn run_memory(schedule: &Schedule, coalescing: bool) -> (Vec<String>, Stat
         let result = run.trigger(&key).await;
         if result != CallResult::Ok(JobOutcome::Dispatched) {
             violations.push(format!(
-                "(c) key {key}: every dispatch was blocked (or none happened), yet a trigger with the store answering got {result:?}"
+                "(c) key {key}: every dispatch was blocked (or none happened), yet a trigger with the store answering got {result:?}\n  calls: {:?}\n  store log (token counter, fault, answer):\n    {}",
+                records.iter().filter(|r| r.key == key).map(|r| (r.id, &r.result)).collect::<Vec<_>>(),
+                store.log_for(&key).replace('\n', "\n    ")
             ));
         }
         triggers.push(key);
@@ -168,36 +195,42 @@ async fn run_memory(schedule: &Schedule, coalescing: bool) -> (Vec<String>, Stat
     (violations, stats)
 }
 
+/// Runs `schedule` with coalescing off and on, side by side on fresh stores.
+async fn run_both(schedule: &Schedule) -> (Vec<String>, Stats) {
+    let ((mut violations, mut stats), (on_violations, on_stats)) =
+        tokio::join!(run_memory(schedule, false), run_memory(schedule, true));
+    violations.extend(on_violations);
+    stats.merge(on_stats);
+    stats.schedules = 1;
+    (violations, stats)
+}
+
+/// Schedules run this many at a time: a run lasts until its background jobs end, up to the TTL
+/// after it, so one after another they would take minutes.
+const PARALLEL: usize = 16;
+
 #[test]
 fn memory_store_fault_schedules_keep_the_invariants() {
-    let cases = cases_from_env("FAULT_HARNESS_CASES", 64);
+    let (cases, seed) = (cases_from_env("FAULT_HARNESS_CASES", 64), seed());
+    let schedules = generate(&schedule_strategy(), cases, seed);
     let rt = runtime();
-    let stats = RefCell::new(Stats::default());
-    let result = runner(cases).run(&schedule_strategy(), |schedule| {
-        let mut stats = stats.borrow_mut();
-        stats.schedules += 1;
-        // Coalescing off and on, side by side on fresh stores: waiting for background jobs
-        // (up to the TTL) is the slow part, and the two runs share it.
-        let ((mut violations, off), (on_violations, on)) =
-            rt.block_on(async { tokio::join!(run_memory(&schedule, false), run_memory(&schedule, true)) });
-        violations.extend(on_violations);
-        stats.merge(off);
-        stats.merge(on);
-        if violations.is_empty() {
-            Ok(())
-        } else {
-            Err(TestCaseError::fail(violations.join("\n")))
+    let mut stats = Stats::default();
+    let mut failures = Vec::new();
+    for batch in schedules.chunks(PARALLEL) {
+        let outcomes = rt.block_on(futures::future::join_all(batch.iter().map(run_both)));
+        for (schedule, (violations, run_stats)) in batch.iter().zip(outcomes) {
+            stats.merge(run_stats);
+            if !violations.is_empty() {
+                failures.push(format!("{}\nschedule: {schedule:?}", violations.join("\n")));
+            }
         }
-    });
-    let stats = stats.into_inner();
+    }
     println!("{} (memory store; coalescing off and on each)", stats.summary());
     println!(
         "  runs {}, dispatches {}, faults {:?}, results {:?}, slowest background drain {:?}",
         stats.runs, stats.dispatches, stats.faults, stats.results, stats.slowest_drain
     );
-    if let Err(e) = result {
-        panic!("{e}");
-    }
+    report("memory store", failures, cases, seed);
 }
 
 /// The harness has teeth: with a store that grants every claim, a burst on one key dispatches
@@ -353,23 +386,21 @@ async fn run_redis(schedule: &RedisSchedule, proxy: &Arc<FaultProxy>, case: usiz
 
 #[test]
 fn redis_behind_a_fault_proxy_keeps_the_invariants() {
-    let cases = cases_from_env("FAULT_HARNESS_REDIS_CASES", 4);
+    let (cases, seed) = (cases_from_env("FAULT_HARNESS_REDIS_CASES", 4), seed());
+    let schedules = generate(&redis_schedule_strategy(), cases, seed);
     let rt = runtime();
     let server = RedisServer::start();
     let proxy = Arc::new(rt.block_on(async { FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], server.port()))) }));
-    let stats = RefCell::new(Stats::default());
-    let result = runner(cases).run(&redis_schedule_strategy(), |schedule| {
-        let mut stats = stats.borrow_mut();
-        let case = stats.schedules;
+    let mut stats = Stats::default();
+    let mut failures = Vec::new();
+    // One after another: the proxy's mode is shared.
+    for (case, schedule) in schedules.iter().enumerate() {
         stats.schedules += 1;
-        let violations = rt.block_on(run_redis(&schedule, &proxy, case, &mut stats));
-        if violations.is_empty() {
-            Ok(())
-        } else {
-            Err(TestCaseError::fail(violations.join("\n")))
+        let violations = rt.block_on(run_redis(schedule, &proxy, case, &mut stats));
+        if !violations.is_empty() {
+            failures.push(format!("{}\nschedule: {schedule:?}", violations.join("\n")));
         }
-    });
-    let stats = stats.into_inner();
+    }
     println!(
         "{} (redis-server behind the fault proxy; {} connections, {} resets, {} replies lost)",
         stats.summary(),
@@ -381,7 +412,5 @@ fn redis_behind_a_fault_proxy_keeps_the_invariants() {
         "  dispatches {}, faults {:?}, results {:?}, slowest background drain {:?}",
         stats.dispatches, stats.faults, stats.results, stats.slowest_drain
     );
-    if let Err(e) = result {
-        panic!("{e}");
-    }
+    report("redis", failures, cases, seed);
 }

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use tower_idempotency::store::{ClaimOutcome, ClaimToken, IdempotencyStore};
 use tower_idempotency::{MemoryStore, StoreError};
 
@@ -68,6 +70,16 @@ pub struct FaultStore {
     answers: Mutex<HashMap<String, Answers>>,
     /// Replaces the TTL of every claim and renewal in the memory store, when set.
     keep_claims_for: Option<Duration>,
+    /// Every call, for the report of a violated invariant.
+    log: Mutex<Vec<Logged>>,
+    created: Instant,
+}
+
+/// One store call, as the log shows it.
+#[derive(Debug, Clone)]
+struct Logged {
+    key: String,
+    line: String,
 }
 
 impl FaultStore {
@@ -81,6 +93,8 @@ impl FaultStore {
             operations: AtomicUsize::new(0),
             answers: Mutex::default(),
             keep_claims_for: None,
+            log: Mutex::default(),
+            created: Instant::now(),
         }
     }
 
@@ -116,6 +130,14 @@ impl FaultStore {
         &self.inner
     }
 
+    /// The calls on `key` so far, one a line: when (ms since the store was made), what, whose
+    /// token, which fault, and the answer (`dropped` when the caller went away first).
+    pub fn log_for(&self, key: &str) -> String {
+        let log = self.log.lock().unwrap();
+        let lines: Vec<&str> = log.iter().filter(|l| l.key == key).map(|l| l.line.as_str()).collect();
+        lines.join("\n")
+    }
+
     fn next_fault(&self) -> Fault {
         self.operations.fetch_add(1, Ordering::SeqCst);
         if !self.enabled.load(Ordering::SeqCst) {
@@ -128,16 +150,44 @@ impl FaultStore {
         fault
     }
 
-    async fn faulty<T>(
+    async fn faulty<T: std::fmt::Debug>(
         &self,
         operation: &'static str,
+        key: &str,
+        token: &ClaimToken,
+        apply: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let fault = self.next_fault();
+        let started = self.created.elapsed();
+        let mut entry = LogOnDrop {
+            store: self,
+            key,
+            line: format!(
+                "{:>4}ms {operation} {} {fault:?}",
+                started.as_millis(),
+                token.as_str().rsplit('-').next().unwrap_or_default()
+            ),
+            answer: None,
+        };
+        let answer = self.with_fault(operation, fault, apply).await;
+        entry.answer = Some(match &answer {
+            Ok(v) => format!("{v:?}"),
+            Err(e) => format!("error {}", e.kind()),
+        });
+        answer
+    }
+
+    async fn with_fault<T>(
+        &self,
+        operation: &'static str,
+        fault: Fault,
         apply: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
         let timed_out = || StoreError::Timeout {
             operation,
             after: self.timeout,
         };
-        match self.next_fault() {
+        match fault {
             Fault::None => apply.await,
             Fault::Delay(d) if d >= self.timeout => {
                 tokio::time::sleep(self.timeout).await;
@@ -164,10 +214,30 @@ impl FaultStore {
     }
 }
 
+/// Logs a call when it ends, answered or dropped.
+struct LogOnDrop<'a> {
+    store: &'a FaultStore,
+    key: &'a str,
+    line: String,
+    answer: Option<String>,
+}
+
+impl Drop for LogOnDrop<'_> {
+    fn drop(&mut self) {
+        let ended = self.store.created.elapsed().as_millis();
+        let answer = self.answer.take().unwrap_or_else(|| "dropped".to_owned());
+        let line = format!("{} -> {answer} at {ended}ms", self.line);
+        let key = self.key.to_owned();
+        self.store.log.lock().unwrap().push(Logged { key, line });
+    }
+}
+
 impl IdempotencyStore for FaultStore {
     async fn claim(&self, key: &str, token: &ClaimToken, ttl: Duration) -> Result<ClaimOutcome, StoreError> {
         let ttl = self.keep_claims_for.unwrap_or(ttl);
-        let answer = self.faulty("claim", self.inner.claim(key, token, ttl)).await;
+        let answer = self
+            .faulty("claim", key, token, self.inner.claim(key, token, ttl))
+            .await;
         let mut answers = self.answers.lock().unwrap();
         let seen = answers.entry(key.to_owned()).or_default();
         match answer {
@@ -179,11 +249,12 @@ impl IdempotencyStore for FaultStore {
     }
 
     async fn release(&self, key: &str, token: &ClaimToken) -> Result<bool, StoreError> {
-        self.faulty("release", self.inner.release(key, token)).await
+        self.faulty("release", key, token, self.inner.release(key, token)).await
     }
 
     async fn renew(&self, key: &str, token: &ClaimToken, ttl: Duration) -> Result<bool, StoreError> {
         let ttl = self.keep_claims_for.unwrap_or(ttl);
-        self.faulty("renew", self.inner.renew(key, token, ttl)).await
+        self.faulty("renew", key, token, self.inner.renew(key, token, ttl))
+            .await
     }
 }
