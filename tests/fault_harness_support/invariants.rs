@@ -6,7 +6,7 @@ use std::time::Duration;
 use tower_idempotency::StoreErrorPolicy;
 
 use super::fault_store::Answers;
-use super::run::CallRecord;
+use super::run::{CallRecord, HUNG_AFTER};
 use super::worker::{Dispatch, JobOutcome};
 
 /// (a) Under fail-closed without shadow mode, at most one dispatch per key per claim lifetime.
@@ -47,7 +47,7 @@ pub fn check_one_dispatch_per_claim(dispatches: &[Dispatch]) -> Vec<String> {
 }
 
 /// (b) Every call was decided within the bound. A caller that went away undecided is a
-/// violation only if it waited longer than the bound.
+/// violation only if it waited longer than the bound; a call that hung, always.
 pub fn check_decisions(records: &[CallRecord], bound: Duration) -> Vec<String> {
     records
         .iter()
@@ -56,7 +56,8 @@ pub fn check_decisions(records: &[CallRecord], bound: Duration) -> Vec<String> {
                 Some(at) => at.duration_since(r.started),
                 None => match r.drop_after {
                     Some(after) if after > bound => after,
-                    _ => return None,
+                    Some(_) => return None,
+                    None => HUNG_AFTER,
                 },
             };
             (waited > bound).then(|| {

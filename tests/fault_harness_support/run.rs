@@ -74,7 +74,13 @@ pub enum CallResult {
     Other(String),
     /// The caller dropped the future before it resolved.
     Dropped,
+    /// Neither dropped nor resolved within [`HUNG_AFTER`]: the harness gave up waiting.
+    Hung,
 }
+
+/// How long the harness waits for a call nobody drops, so a protocol that hangs fails (b)
+/// instead of hanging the test.
+pub const HUNG_AFTER: Duration = Duration::from_secs(5);
 
 impl CallResult {
     fn of(result: Result<JobOutcome, IdempotencyError<Infallible>>) -> Self {
@@ -150,15 +156,10 @@ impl Run {
                     tokio::time::sleep_until(start).await;
                     let (id, key, started) = (job.id, job.key.clone(), Instant::now());
                     let fut = svc.oneshot(job);
-                    let (result, resolved) = match drop_after {
-                        Some(after) => match tokio::time::timeout(after, fut).await {
-                            Ok(r) => (CallResult::of(r), Some(Instant::now())),
-                            Err(_) => (CallResult::Dropped, None),
-                        },
-                        None => {
-                            let r = fut.await;
-                            (CallResult::of(r), Some(Instant::now()))
-                        }
+                    let (result, resolved) = match tokio::time::timeout(drop_after.unwrap_or(HUNG_AFTER), fut).await {
+                        Ok(r) => (CallResult::of(r), Some(Instant::now())),
+                        Err(_) if drop_after.is_some() => (CallResult::Dropped, None),
+                        Err(_) => (CallResult::Hung, None),
                     };
                     (id, key, started, drop_after, result, resolved)
                 })
@@ -191,7 +192,10 @@ impl Run {
             outcome: JobOutcome::Dispatched,
             run: Duration::ZERO,
         };
-        CallResult::of(self.svc.clone().oneshot(job).await)
+        match tokio::time::timeout(HUNG_AFTER, self.svc.clone().oneshot(job)).await {
+            Ok(result) => CallResult::of(result),
+            Err(_) => CallResult::Hung,
+        }
     }
 
     /// Invariant (d): polls `background_tasks()` until it is 0; how long that took, or an error
