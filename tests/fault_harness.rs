@@ -192,6 +192,7 @@ async fn run_memory(schedule: &Schedule, coalescing: bool) -> (Vec<String>, Stat
     stats.add_results(&records);
     stats.calls += triggers.len();
     stats.dispatches += run.recorder.dispatches().len();
+    stats.dispatches_by_coalescing[usize::from(coalescing)] += during.len();
     let violations = violations
         .into_iter()
         .map(|v| format!("[coalescing {}] {v}", if coalescing { "on" } else { "off" }))
@@ -231,8 +232,14 @@ fn memory_store_fault_schedules_keep_the_invariants() {
     }
     println!("{} (memory store; coalescing off and on each)", stats.summary());
     println!(
-        "  runs {}, dispatches {}, faults {:?}, results {:?}, slowest background drain {:?}",
-        stats.runs, stats.dispatches, stats.faults, stats.results, stats.slowest_drain
+        "  runs {}, dispatches {} (during schedules: {} coalescing off, {} on), faults {:?}, results {:?}, slowest background drain {:?}",
+        stats.runs,
+        stats.dispatches,
+        stats.dispatches_by_coalescing[0],
+        stats.dispatches_by_coalescing[1],
+        stats.faults,
+        stats.results,
+        stats.slowest_drain
     );
     report("memory store", failures, cases, seed);
 }

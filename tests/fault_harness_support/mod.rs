@@ -34,6 +34,8 @@ pub struct Stats {
     pub runs: usize,
     pub calls: usize,
     pub dispatches: usize,
+    /// Dispatches during schedules run with coalescing off and on (memory store only).
+    pub dispatches_by_coalescing: [usize; 2],
     /// Faults injected, by kind name.
     pub faults: BTreeMap<&'static str, usize>,
     pub results: BTreeMap<String, usize>,
@@ -66,6 +68,13 @@ impl Stats {
         self.runs += other.runs;
         self.calls += other.calls;
         self.dispatches += other.dispatches;
+        for (mine, theirs) in self
+            .dispatches_by_coalescing
+            .iter_mut()
+            .zip(other.dispatches_by_coalescing)
+        {
+            *mine += theirs;
+        }
         for (kind, n) in other.faults {
             *self.faults.entry(kind).or_default() += n;
         }
