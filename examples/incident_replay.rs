@@ -37,6 +37,9 @@ use redis::AsyncCommands;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PROJECT: &str = "octo-org/octo-repo";
+/// `repository.id` of `PROJECT`: GitHub lists a suite's pull requests with their base
+/// repository's id, and the router keys only the event repository's own pull request.
+const REPOSITORY_ID: u64 = 300_029_405;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum StoreKind {
@@ -430,7 +433,7 @@ async fn scenario(url: &str, run: &str, store: StoreKind, args: &Args) -> Result
                 let (event, body) = if t % 2 == 0 {
                     check_suite(pr, &sha)
                 } else {
-                    review_requested(pr, &sha)
+                    workflow_run(pr, &sha)
                 };
                 post_webhook(
                     &addr,
@@ -519,21 +522,24 @@ fn check_suite(pr: u64, sha: &str) -> (&'static str, String) {
         "action": "completed",
         "check_suite": {
             "head_sha": sha, "head_branch": "feature", "status": "completed", "conclusion": "success",
-            "pull_requests": [{ "number": pr }]
+            "pull_requests": [{ "number": pr, "head": { "sha": sha }, "base": { "repo": { "id": REPOSITORY_ID } } }]
         },
-        "repository": { "full_name": PROJECT }
+        "repository": { "id": REPOSITORY_ID, "full_name": PROJECT }
     });
     ("check_suite", body.to_string())
 }
 
-fn review_requested(pr: u64, sha: &str) -> (&'static str, String) {
+fn workflow_run(pr: u64, sha: &str) -> (&'static str, String) {
     let body = serde_json::json!({
-        "action": "review_requested",
-        "number": pr,
-        "pull_request": { "number": pr, "head": { "sha": sha } },
-        "repository": { "full_name": PROJECT }
+        "action": "completed",
+        "workflow_run": {
+            "head_sha": sha,
+            "conclusion": "success",
+            "pull_requests": [{ "number": pr, "head": { "sha": sha }, "base": { "repo": { "id": REPOSITORY_ID } } }]
+        },
+        "repository": { "id": REPOSITORY_ID, "full_name": PROJECT }
     });
-    ("pull_request", body.to_string())
+    ("workflow_run", body.to_string())
 }
 
 /// A minimal HTTP/1.1 POST; returns the status code.

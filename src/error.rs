@@ -17,34 +17,28 @@ use crate::{IdempotencyKey, StoreError};
 /// assert!(err.is_duplicate());
 /// assert_eq!(err.to_string(), "duplicate: key `k` is already claimed");
 /// ```
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug)]
 #[non_exhaustive]
 pub enum IdempotencyError<E> {
     /// Someone else holds the claim on this key; the inner service was not called.
-    #[error("duplicate: key `{key}` is already claimed")]
     Duplicate {
         /// The key (without namespace).
         key: IdempotencyKey,
     },
     /// The store could not be reached, so the call failed closed; the inner service was not
     /// called. Retry later.
-    #[error("idempotency store unavailable for key `{key}`; failed closed, nothing was dispatched")]
     StoreUnavailable {
         /// The key (without namespace).
         key: IdempotencyKey,
         /// What went wrong.
-        #[source]
         source: StoreError,
     },
     /// No valid key could be extracted; the inner service was not called.
-    #[error("invalid idempotency key: {source}")]
     InvalidKey {
         /// The extractor's error.
-        #[source]
         source: BoxError,
     },
     /// Renewal found the claim lost while the job ran, and the layer is configured to abort.
-    #[error("claim on key `{key}` was lost while the job ran; the job was aborted")]
     ClaimLost {
         /// The key (without namespace).
         key: IdempotencyKey,
@@ -53,25 +47,65 @@ pub enum IdempotencyError<E> {
     /// stands**. The layer retries the (token-checked) release in the background until it
     /// succeeds or the claim expires. A queue consumer should leave the job pending, not ack it:
     /// its retry dispatches once the claim is gone.
-    #[error("claim on key `{key}` could not be released after a blocked job; retrying in the background")]
     ReleaseFailed {
         /// The key (without namespace).
         key: IdempotencyKey,
         /// Why the release failed.
-        #[source]
         source: StoreError,
     },
     /// The layer's settings cannot work (it was used without `build()`, which would have refused
     /// them); nothing was claimed or dispatched.
-    #[error("idempotency layer misconfigured; nothing was dispatched")]
     Misconfigured {
         /// What is wrong with the settings.
-        #[source]
         source: ConfigError,
     },
     /// The inner service failed.
-    #[error("inner service failed")]
-    Inner(#[source] E),
+    Inner(E),
+}
+
+impl<E: fmt::Display> fmt::Display for IdempotencyError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IdempotencyError::Duplicate { key } => write!(f, "duplicate: key `{key}` is already claimed"),
+            IdempotencyError::StoreUnavailable { key, .. } => write!(
+                f,
+                "idempotency store unavailable for key `{key}`; failed closed, nothing was dispatched"
+            ),
+            IdempotencyError::InvalidKey { source } => write!(f, "invalid idempotency key: {source}"),
+            IdempotencyError::ClaimLost { key } => {
+                write!(
+                    f,
+                    "claim on key `{key}` was lost while the job ran; the job was aborted"
+                )
+            }
+            IdempotencyError::ReleaseFailed { key, .. } => write!(
+                f,
+                "claim on key `{key}` could not be released after a blocked job; retrying in the background"
+            ),
+            IdempotencyError::Misconfigured { .. } => {
+                f.write_str("idempotency layer misconfigured; nothing was dispatched")
+            }
+            // The inner error's own text, so `%e` in a log line shows the cause whatever `E` is.
+            IdempotencyError::Inner(e) => write!(f, "inner service failed: {e}"),
+        }
+    }
+}
+
+/// An `Error` for any inner error that can be shown, `BoxError` included, so the layer composes
+/// with tower's `BoxError` stacks (`Buffer`, `Timeout`, `BoxCloneService<_, _, BoxError>`).
+/// The short-circuits keep their `source()` chain; an inner error is shown by `Display` (its
+/// `source()` cannot be reached generically, since `Box<dyn Error>` is not itself an `Error`).
+impl<E: fmt::Debug + fmt::Display> std::error::Error for IdempotencyError<E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            IdempotencyError::StoreUnavailable { source, .. } | IdempotencyError::ReleaseFailed { source, .. } => {
+                Some(source)
+            }
+            IdempotencyError::InvalidKey { source } => Some(&**source),
+            IdempotencyError::Misconfigured { source } => Some(source),
+            _ => None,
+        }
+    }
 }
 
 impl<E> IdempotencyError<E> {

@@ -43,6 +43,16 @@ pub trait KeyExtractor<Req> {
         let _ = req;
         None
     }
+
+    /// When `req` is a **human override** (a person asked for the job again), its own identity
+    /// (e.g. the delivery id of the review request). An override takes the key over even while
+    /// an automated claim holds it, and is itself deduplicated by this identity: the same
+    /// override delivered twice dispatches once. `None` (the default): an ordinary claim. See
+    /// [`WithOverride`].
+    fn takeover(&mut self, req: &Req) -> Option<String> {
+        let _ = req;
+        None
+    }
 }
 
 impl<Req, F, E> KeyExtractor<Req> for F
@@ -103,5 +113,59 @@ where
 
     fn owner(&mut self, req: &Req) -> Option<ClaimToken> {
         (self.owner)(req).map(|owner| ClaimToken::from_owner(&owner))
+    }
+
+    fn takeover(&mut self, req: &Req) -> Option<String> {
+        self.extractor.takeover(req)
+    }
+}
+
+/// An extractor that marks human overrides, made by
+/// [`IdempotencyLayer::with_override`](crate::IdempotencyLayer::with_override): `takeover`
+/// returns the override's own identity (a review request's delivery id) for requests that are
+/// overrides, `None` for ordinary triggers.
+///
+/// ```
+/// use tower_idempotency::{IdempotencyKey, KeyError, KeyExtractor, WithOverride};
+///
+/// struct Trigger { key: String, requested_by_person: Option<String> }
+///
+/// let mut extractor = WithOverride::new(
+///     |t: &Trigger| -> Result<_, KeyError> { IdempotencyKey::new(&t.key).map(Some) },
+///     |t: &Trigger| t.requested_by_person.clone(),
+/// );
+/// let rerun = Trigger { key: "o/r:1:abcdef1".into(), requested_by_person: Some("delivery-7".into()) };
+/// assert_eq!(extractor.takeover(&rerun).as_deref(), Some("delivery-7"));
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct WithOverride<X, F> {
+    extractor: X,
+    takeover: F,
+}
+
+impl<X, F> WithOverride<X, F> {
+    /// Keys from `extractor`; override identities from `takeover`.
+    pub fn new(extractor: X, takeover: F) -> Self {
+        Self { extractor, takeover }
+    }
+}
+
+impl<Req, X, F> KeyExtractor<Req> for WithOverride<X, F>
+where
+    X: KeyExtractor<Req>,
+    F: FnMut(&Req) -> Option<String>,
+{
+    type Error = X::Error;
+
+    fn extract(&mut self, req: &Req) -> Result<Option<IdempotencyKey>, X::Error> {
+        self.extractor.extract(req)
+    }
+
+    fn owner(&mut self, req: &Req) -> Option<ClaimToken> {
+        self.extractor.owner(req)
+    }
+
+    fn takeover(&mut self, req: &Req) -> Option<String> {
+        (self.takeover)(req)
     }
 }

@@ -91,18 +91,19 @@ impl<S, Req, C> ResponseFuture<S, Req, C>
 where
     S: Service<Req>,
 {
-    /// Claims `key` (as `owner`, when the caller has a stable identity for the job), then calls
-    /// `inner` if the protocol says so.
+    /// Claims `key` (as `owner`, when the caller has a stable identity for the job; as an
+    /// override with identity `takeover`), then calls `inner` if the protocol says so.
     pub(crate) fn claim(
         inner: S,
         req: Req,
         key: IdempotencyKey,
         owner: Option<ClaimToken>,
+        takeover: Option<&str>,
         protocol: &Arc<Protocol>,
         classifier: C,
     ) -> Self {
         let span = tracing::info_span!("idempotency", key = %key);
-        let claiming = span.in_scope(|| protocol.begin(key, owner));
+        let claiming = span.in_scope(|| protocol.begin(key, owner, takeover));
         Self {
             state: State::Claiming {
                 claiming,
@@ -116,7 +117,12 @@ where
     /// Calls `inner` without a claim: the request has no key.
     pub(crate) fn pass_through(mut inner: S, req: Req, classifier: C) -> Self {
         let span = tracing::info_span!("idempotency", key = tracing::field::Empty);
-        span.in_scope(|| tracing::debug!(outcome = "pass_through", "no idempotency key; passing through unclaimed"));
+        span.in_scope(|| {
+            tracing::debug!(
+                outcome = "pass_through",
+                "no idempotency key; passing through unclaimed"
+            )
+        });
         Self {
             state: State::Calling {
                 fut: inner.call(req),
@@ -142,7 +148,9 @@ where
     /// Answers at once: the extractor could not produce a valid key.
     pub(crate) fn rejected(error: BoxError, classifier: C) -> Self {
         let span = tracing::info_span!("idempotency", key = tracing::field::Empty);
-        span.in_scope(|| tracing::info!(outcome = "invalid_key", error = %Chain(&*error), "rejected: no valid idempotency key"));
+        span.in_scope(
+            || tracing::info!(outcome = "invalid_key", error = %Chain(&*error), "rejected: no valid idempotency key"),
+        );
         Self {
             state: State::Done {
                 result: Some(Err(IdempotencyError::InvalidKey { source: error })),

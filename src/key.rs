@@ -79,12 +79,22 @@ impl IdempotencyKey {
     ///
     /// The rendering is injective: the SHA must be hexadecimal and the PR number is decimal, so
     /// reading from the right recovers the triple even when the project itself contains `:`.
-    /// Hex digits are lower-cased, as git treats them case-insensitively.
+    ///
+    /// **Case.** What the providers treat case-insensitively is normalised, so a worker that
+    /// builds the key from `Octo/Repo` and a webhook that carries `octo/repo` agree:
+    /// - the project's ASCII letters are lower-cased: GitHub (`owner/repository`) and GitLab
+    ///   (`group/subgroup/project`) resolve paths case-insensitively, and their names are ASCII
+    ///   (other characters are kept as they are);
+    /// - hex digits of the SHA are lower-cased, as git treats them case-insensitively.
+    ///
+    /// The webhook extractors ([`GitHubDispatchKey`](crate::http::GitHubDispatchKey),
+    /// [`GitLabDispatchKey`](crate::http::GitLabDispatchKey)) build their keys with this function.
     ///
     /// ```
     /// use tower_idempotency::IdempotencyKey;
     /// let key = IdempotencyKey::for_pull_request("Codertocat/Hello-World", 2, "EC26C3E5")?;
-    /// assert_eq!(key.as_str(), "Codertocat/Hello-World:2:ec26c3e5");
+    /// assert_eq!(key.as_str(), "codertocat/hello-world:2:ec26c3e5");
+    /// assert_eq!(key, IdempotencyKey::for_pull_request("codertocat/HELLO-world", 2, "ec26c3e5")?);
     /// assert!(IdempotencyKey::for_pull_request("a/b", 0, "abcdef1").is_err());
     /// assert!(IdempotencyKey::for_pull_request("a/b", 1, "main").is_err());
     /// # Ok::<(), tower_idempotency::KeyError>(())
@@ -100,7 +110,11 @@ impl IdempotencyKey {
         if !sha_ok {
             return Err(KeyError::InvalidSha(truncate_for_error(head_sha)));
         }
-        Self::new(format!("{project}:{pull_request}:{}", head_sha.to_ascii_lowercase()))
+        Self::new(format!(
+            "{}:{pull_request}:{}",
+            project.to_ascii_lowercase(),
+            head_sha.to_ascii_lowercase()
+        ))
     }
 
     /// The key's text.
@@ -230,5 +244,16 @@ mod tests {
         assert!(IdempotencyKey::for_pull_request("", 1, "abcdef1").is_err());
         assert!(IdempotencyKey::for_pull_request("a", 1, &"f".repeat(65)).is_err());
         assert!(IdempotencyKey::for_pull_request("a", 1, "abc").is_err());
+    }
+
+    #[test]
+    fn pull_request_keys_ignore_the_case_of_the_project_and_the_sha() {
+        let mixed = IdempotencyKey::for_pull_request("Octo-Org/Octo-Repo", 7, "ABCDEF1").unwrap();
+        let lower = IdempotencyKey::for_pull_request("octo-org/octo-repo", 7, "abcdef1").unwrap();
+        assert_eq!(mixed, lower);
+        assert_eq!(mixed.as_str(), "octo-org/octo-repo:7:abcdef1");
+        // Only ASCII letters are folded.
+        let accented = IdempotencyKey::for_pull_request("Équipe/App", 1, "abcdef1").unwrap();
+        assert_eq!(accented.as_str(), "Équipe/app:1:abcdef1");
     }
 }

@@ -5,7 +5,7 @@ use std::fmt;
 use tower::Layer;
 
 use crate::classify::DefaultClassifier;
-use crate::extract::WithOwner;
+use crate::extract::{WithOverride, WithOwner};
 use crate::protocol::Protocol;
 use crate::service::Idempotency;
 use crate::settings::{ConfigError, Settings, settings_builders};
@@ -146,6 +146,43 @@ impl<X, C> IdempotencyLayer<X, C> {
         IdempotencyLayer {
             settings: self.settings,
             extractor: WithOwner::new(self.extractor, owner),
+            classifier: self.classifier,
+        }
+    }
+
+    /// Marks human overrides: `takeover` returns the override's own identity (e.g. the
+    /// delivery id of a person's review request) for requests that are overrides. An override
+    /// takes its key over even while an automated claim holds it (the previous holder's release
+    /// and renewal then fail their token check; later automated triggers are duplicates), and
+    /// is deduplicated by its identity: the same override twice dispatches once. An override of
+    /// a free key leaves it free, so the automated trigger still dispatches once.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use tower::{Layer, ServiceExt};
+    /// use tower_idempotency::{IdempotencyKey, IdempotencyLayer, KeyError, MemoryStore};
+    ///
+    /// #[derive(Clone)]
+    /// struct Trigger { key: &'static str, review_request: Option<&'static str> }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let layer = IdempotencyLayer::new(MemoryStore::new(), |t: &Trigger| -> Result<_, KeyError> {
+    ///     IdempotencyKey::new(t.key).map(Some)
+    /// })
+    /// .with_override(|t: &Trigger| t.review_request.map(str::to_owned));
+    /// let svc = layer.layer(tower::service_fn(|_: Trigger| async { Ok::<_, Infallible>(()) }));
+    /// let automated = Trigger { key: "o/r:1:abcdef1", review_request: None };
+    /// let person = Trigger { key: "o/r:1:abcdef1", review_request: Some("delivery-1") };
+    /// assert!(svc.clone().oneshot(automated.clone()).await.is_ok());
+    /// assert!(svc.clone().oneshot(person.clone()).await.is_ok(), "a person gets a fresh run");
+    /// assert!(svc.clone().oneshot(person).await.unwrap_err().is_duplicate(), "once per request");
+    /// assert!(svc.oneshot(automated).await.unwrap_err().is_duplicate());
+    /// # }
+    /// ```
+    pub fn with_override<F>(self, takeover: F) -> IdempotencyLayer<WithOverride<X, F>, C> {
+        IdempotencyLayer {
+            settings: self.settings,
+            extractor: WithOverride::new(self.extractor, takeover),
             classifier: self.classifier,
         }
     }

@@ -66,13 +66,13 @@ pub mod store;
 
 pub use classify::{ClassifyOutcome, DefaultClassifier, Settle};
 pub use error::IdempotencyError;
-pub use extract::{BoxError, KeyExtractor, WithOwner};
+pub use extract::{BoxError, KeyExtractor, WithOverride, WithOwner};
 pub use future::ResponseFuture;
 pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
 pub use layer::IdempotencyLayer;
-pub use settings::{ConfigError, DEFAULT_MAX_HOLD_TTLS, DEFAULT_TTL, LostClaimPolicy, StoreErrorPolicy};
 pub use report::{DEFAULT_REPORT_INTERVAL, DEFAULT_SENTRY_TAG};
 pub use service::Idempotency;
+pub use settings::{ConfigError, DEFAULT_MAX_HOLD_TTLS, DEFAULT_TTL, LostClaimPolicy, StoreErrorPolicy};
 pub use store::{ClaimOutcome, MemoryStore, StoreError};
 #[cfg(feature = "redis")]
 pub use store::{RedisStore, RedisStoreBuilder};

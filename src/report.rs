@@ -20,6 +20,8 @@ pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub(crate) struct Reporter {
     pub(crate) tag: String,
+    /// The tag's value; `None`: the error kind.
+    pub(crate) tag_value: Option<String>,
     pub(crate) interval: Duration,
     /// error kind -> (when we last sent, errors suppressed since)
     sent: Mutex<HashMap<&'static str, (Instant, u64)>>,
@@ -27,8 +29,13 @@ pub(crate) struct Reporter {
 
 impl Reporter {
     pub(crate) fn new(tag: String, interval: Duration) -> Self {
+        Self::with_value(tag, None, interval)
+    }
+
+    pub(crate) fn with_value(tag: String, tag_value: Option<String>, interval: Duration) -> Self {
         Self {
             tag,
+            tag_value,
             interval,
             sent: Mutex::new(HashMap::new()),
         }
@@ -57,6 +64,11 @@ impl Reporter {
         }
     }
 
+    #[cfg_attr(not(feature = "sentry"), allow(dead_code))]
+    fn value_or(&self, kind: &str) -> String {
+        self.tag_value.clone().unwrap_or_else(|| kind.to_owned())
+    }
+
     /// Reports a store error for `key` (the full, namespaced key).
     #[cfg_attr(not(feature = "sentry"), allow(unused_variables))]
     pub(crate) fn store_error(&self, key: &str, error: &StoreError, failed_closed: bool) {
@@ -77,7 +89,10 @@ impl Reporter {
                     "failed open: dispatched anyway"
                 }
             ));
-            event.tags.insert(self.tag.clone(), error.kind().to_owned());
+            event.tags.insert(self.tag.clone(), self.value_or(error.kind()));
+            event
+                .tags
+                .insert("idempotency_error_kind".to_owned(), error.kind().to_owned());
             let mut ctx = std::collections::BTreeMap::new();
             ctx.insert("key".to_owned(), Value::from(key));
             ctx.insert("failed_closed".to_owned(), Value::from(failed_closed));
@@ -99,7 +114,10 @@ impl Reporter {
             let mut event = Event::new();
             event.level = Level::Error;
             event.message = Some(format!("idempotency claim on `{key}` was lost while the job ran"));
-            event.tags.insert(self.tag.clone(), "claim_lost".to_owned());
+            event.tags.insert(self.tag.clone(), self.value_or("claim_lost"));
+            event
+                .tags
+                .insert("idempotency_error_kind".to_owned(), "claim_lost".to_owned());
             sentry_core::Hub::with_active(|hub| hub.capture_event(event));
         }
     }

@@ -116,7 +116,8 @@ where
         match self.extractor.extract(&req) {
             Ok(Some(key)) => {
                 let owner = self.extractor.owner(&req);
-                ResponseFuture::claim(inner, req, key, owner, &self.protocol, classifier)
+                let takeover = self.extractor.takeover(&req);
+                ResponseFuture::claim(inner, req, key, owner, takeover.as_deref(), &self.protocol, classifier)
             }
             Ok(None) => ResponseFuture::pass_through(inner, req, classifier),
             Err(e) => ResponseFuture::rejected(e.into(), classifier),

@@ -99,7 +99,9 @@ pub enum ConfigError {
         max: Duration,
     },
     /// The renewal interval is zero.
-    #[error("renewal interval is zero: it would renew in a busy loop; set `with_renewal` to about a third of the ttl ({suggested:?})")]
+    #[error(
+        "renewal interval is zero: it would renew in a busy loop; set `with_renewal` to about a third of the ttl ({suggested:?})"
+    )]
     ZeroRenewal {
         /// A third of the TTL.
         suggested: Duration,
@@ -117,7 +119,9 @@ pub enum ConfigError {
         suggested: Duration,
     },
     /// The maximum hold is zero.
-    #[error("max hold is zero: renewal would stop at once; set `with_max_hold` to the longest a job may keep its key, or leave the default")]
+    #[error(
+        "max hold is zero: renewal would stop at once; set `with_max_hold` to the longest a job may keep its key, or leave the default"
+    )]
     ZeroMaxHold,
 }
 
@@ -261,11 +265,28 @@ macro_rules! settings_builders {
         }
 
         /// The Sentry tag set on store-error events (default `idempotency_store_down`); its
-        /// value is the error kind. Without the `sentry` feature nothing is sent.
+        /// value is the error kind unless set with
+        /// [`with_sentry_tag_value`](Self::with_sentry_tag_value). The kind is always in the
+        /// `idempotency_error_kind` tag too. Without the `sentry` feature nothing is sent.
         pub fn with_sentry_tag(mut self, tag: impl Into<String>) -> Self {
-            self.settings.reporter = std::sync::Arc::new($crate::report::Reporter::new(
+            let reporter = &self.settings.reporter;
+            self.settings.reporter = std::sync::Arc::new($crate::report::Reporter::with_value(
                 tag.into(),
-                self.settings.reporter.interval,
+                reporter.tag_value.clone(),
+                reporter.interval,
+            ));
+            self
+        }
+
+        /// A fixed value for the Sentry tag, e.g. `with_sentry_tag("source")` and
+        /// `with_sentry_tag_value("review_dedup_redis_down")` tag every store-error event
+        /// `source=review_dedup_redis_down`, as the system this crate replaces did.
+        pub fn with_sentry_tag_value(mut self, value: impl Into<String>) -> Self {
+            let reporter = &self.settings.reporter;
+            self.settings.reporter = std::sync::Arc::new($crate::report::Reporter::with_value(
+                reporter.tag.clone(),
+                Some(value.into()),
+                reporter.interval,
             ));
             self
         }
@@ -273,8 +294,10 @@ macro_rules! settings_builders {
         /// At most one Sentry event per store-error kind per `interval` (default 10 s); the next
         /// event counts the ones suppressed. `Duration::ZERO` reports every error.
         pub fn with_report_interval(mut self, interval: std::time::Duration) -> Self {
-            self.settings.reporter = std::sync::Arc::new($crate::report::Reporter::new(
-                self.settings.reporter.tag.clone(),
+            let reporter = &self.settings.reporter;
+            self.settings.reporter = std::sync::Arc::new($crate::report::Reporter::with_value(
+                reporter.tag.clone(),
+                reporter.tag_value.clone(),
                 interval,
             ));
             self

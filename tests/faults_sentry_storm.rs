@@ -151,3 +151,30 @@ fn zero_report_interval_reports_every_store_error() {
     });
     assert_eq!(events.len(), 5, "with a zero interval every error is an event");
 }
+
+#[test]
+fn sentry_tag_name_and_value_are_configurable() {
+    let events = sentry::test::with_captured_events(|| {
+        current_thread_runtime().block_on(async {
+            let store = RedisStore::builder(dead_redis_url())
+                .timeout(Duration::from_millis(300))
+                .connect_lazy()
+                .expect("lazy store");
+            let layer = IdempotencyLayer::new(store, key_of)
+                .with_sentry_tag("source")
+                .with_sentry_tag_value("review_dedup_redis_down");
+            let svc = layer.layer(Dispatches::default().service());
+            let origin = Instant::now();
+            assert!(timed_call(svc, "tagged".into(), origin).await.outcome.is_unavailable());
+        })
+    });
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        events[0].tags.get("source").map(String::as_str),
+        Some("review_dedup_redis_down")
+    );
+    assert_eq!(
+        events[0].tags.get("idempotency_error_kind").map(String::as_str),
+        Some("connection_refused")
+    );
+}

@@ -1,6 +1,7 @@
 //! `HttpIdempotencyLayer` in an axum router, against a real Redis: every short-circuit is a
 //! response with the documented status, header and JSON body; the handler sees the identical
-//! bytes and the claimed key; the classifier releases on 429 / `Blocked`.
+//! bytes and the claimed key; the classifier releases on 429, other 4xx but 409, and `Blocked`;
+//! header keys never claim on safe methods and are scoped by method, route and principal.
 #![cfg(all(feature = "http", feature = "redis"))]
 
 mod common;
@@ -93,8 +94,8 @@ async fn duplicate_is_409_with_idempotency_status_header_and_json_body() {
     assert_eq!(first.status(), StatusCode::OK);
     assert_eq!(
         first.headers()["x-seen-key"],
-        "pay-1",
-        "the handler sees the claimed key"
+        "POST /jobs pay-1",
+        "the handler sees the claimed key, scoped by method and route"
     );
 
     let second = app.oneshot(request(Some("pay-1"), &[], "a")).await.unwrap();
@@ -102,9 +103,13 @@ async fn duplicate_is_409_with_idempotency_status_header_and_json_body() {
     assert_eq!(second.headers()["idempotency-status"], "duplicate");
     assert_eq!(second.headers()["content-type"], "application/json");
     let (_, body) = status_and_body(second).await;
-    assert_eq!(body, r#"{"status":"duplicate","key":"pay-1"}"#);
+    assert_eq!(body, r#"{"status":"duplicate","key":"POST /jobs pay-1"}"#);
     assert_eq!(calls.get(), 1, "the duplicate never reached the handler");
-    assert_eq!(server.cli(&["EXISTS", "pay-1"]).trim(), "1", "the claim is in Redis");
+    assert_eq!(
+        server.cli(&["EXISTS", "POST /jobs pay-1"]).trim(),
+        "1",
+        "the claim is in Redis"
+    );
 }
 
 #[tokio::test]
@@ -117,7 +122,10 @@ async fn webhook_preset_answers_duplicates_200_with_the_same_header_and_body() {
     let delivery = || {
         request(
             None,
-            &[("x-github-delivery", "72d3162e-cc78-11e3-81ab-4c9367dc0958")],
+            &[
+                ("x-github-hook-id", "292430182"),
+                ("x-github-delivery", "72d3162e-cc78-11e3-81ab-4c9367dc0958"),
+            ],
             "{}",
         )
     };
@@ -129,7 +137,7 @@ async fn webhook_preset_answers_duplicates_200_with_the_same_header_and_body() {
     assert_eq!(status, 200);
     assert_eq!(
         body,
-        r#"{"status":"duplicate","key":"72d3162e-cc78-11e3-81ab-4c9367dc0958"}"#
+        r#"{"status":"duplicate","key":"POST /jobs x-github-hook-id=292430182 72d3162e-cc78-11e3-81ab-4c9367dc0958"}"#
     );
     assert_eq!(calls.get(), 1);
 }
@@ -307,7 +315,7 @@ async fn a_429_or_a_blocked_response_releases_the_claim_other_responses_keep_it(
         .status();
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert_eq!(
-        server.cli(&["EXISTS", "job-2"]).trim(),
+        server.cli(&["EXISTS", "POST /jobs job-2"]).trim(),
         "0",
         "released on 5xx when asked"
     );
@@ -352,7 +360,11 @@ impl ShortCircuitResponse for SeeOther {
     fn duplicate(&self, key: &IdempotencyKey) -> http::Response<bytes::Bytes> {
         http::Response::builder()
             .status(StatusCode::SEE_OTHER)
-            .header("location", format!("/jobs/{key}"))
+            // The client's own key is the last part of the scoped key.
+            .header(
+                "location",
+                format!("/jobs/{}", key.as_str().rsplit(' ').next().unwrap_or_default()),
+            )
             .body(bytes::Bytes::new())
             .unwrap()
     }
@@ -395,7 +407,11 @@ async fn a_claim_lost_while_the_handler_runs_answers_503_with_the_abort_policy()
 
     let call = tokio::spawn(app.oneshot(request(Some("long-1"), &[], "a")));
     tokio::time::sleep(Duration::from_millis(150)).await;
-    assert_eq!(server.cli(&["DEL", "long-1"]).trim(), "1", "the claim was there");
+    assert_eq!(
+        server.cli(&["DEL", "POST /jobs long-1"]).trim(),
+        "1",
+        "the claim was there"
+    );
     let response = tokio::time::timeout(Duration::from_secs(3), call)
         .await
         .expect("aborted well before the handler finished")
@@ -403,7 +419,7 @@ async fn a_claim_lost_while_the_handler_runs_answers_503_with_the_abort_policy()
         .unwrap();
     let (status, body) = status_and_body(response).await;
     assert_eq!(status, 503);
-    assert_eq!(body, r#"{"status":"claim_lost","key":"long-1"}"#);
+    assert_eq!(body, r#"{"status":"claim_lost","key":"POST /jobs long-1"}"#);
 }
 
 #[tokio::test]
@@ -424,7 +440,7 @@ async fn stacked_layers_do_not_claim_each_others_keys() {
 
     let response = app.oneshot(request(Some("k-1"), &[], "a")).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(server.cli(&["EXISTS", "outer:k-1"]).trim(), "1");
+    assert_eq!(server.cli(&["EXISTS", "outer:POST /jobs k-1"]).trim(), "1");
     assert_eq!(
         dbsize(&server),
         1,
@@ -447,4 +463,219 @@ async fn header_keys_do_not_buffer_the_body() {
     assert_eq!(response.status(), StatusCode::OK);
     let echoed = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
     assert_eq!(&echoed[..], b"0123456789");
+}
+
+/// A payments API on real HTTP: `POST /payments` takes a JSON body (axum answers `422` when it
+/// does not fit, `415` without a JSON content type), `POST /refunds` echoes, and the handler
+/// answers `409` when asked to; `GET /payments` lists.
+async fn payments_api(server: &RedisServer, calls: &Calls, extractor: HeaderKey) -> std::net::SocketAddr {
+    #[derive(serde::Deserialize)]
+    struct Payment {
+        amount: u64,
+    }
+    let layer = HttpIdempotencyLayer::new(store(server).await, extractor);
+    let app = Router::new()
+        .route(
+            "/payments",
+            post(
+                |Extension(calls): Extension<Calls>, headers: HeaderMap, axum::Json(p): axum::Json<Payment>| async move {
+                    calls.hit();
+                    if headers.contains_key("x-conflict") {
+                        return (StatusCode::CONFLICT, "conflict").into_response();
+                    }
+                    format!("paid {}", p.amount).into_response()
+                },
+            )
+            .get(|Extension(calls): Extension<Calls>| async move {
+                calls.hit();
+                "listed"
+            }),
+        )
+        .route(
+            "/refunds",
+            post(|Extension(calls): Extension<Calls>| async move {
+                calls.hit();
+                "refunded"
+            }),
+        )
+        .route_layer(layer)
+        .layer(Extension(calls.clone()));
+    webhook_support::serve(app).await
+}
+
+#[tokio::test]
+async fn a_4xx_but_409_releases_the_claim_so_the_corrected_retry_is_not_a_duplicate() {
+    let server = RedisServer::start();
+    let calls = Calls::default();
+    let addr = payments_api(&server, &calls, HeaderKey::idempotency_key()).await;
+    let json = [("content-type", "application/json"), ("idempotency-key", "pay-7")];
+
+    // A body axum's `Json` rejects: 422, and the claim is given back.
+    let rejected = webhook_support::post(addr, "/payments", &json, br#"{"amount":"ten"}"#).await;
+    assert_eq!(rejected.status, 422, "{}", rejected.body);
+    assert_eq!(dbsize(&server), 0, "422 released the claim");
+    // No JSON content type: 415, released too.
+    let unsupported = webhook_support::post(addr, "/payments", &[("idempotency-key", "pay-7")], b"{}").await;
+    assert_eq!(unsupported.status, 415);
+    assert_eq!(dbsize(&server), 0, "415 released the claim");
+    // A method the route does not serve: axum's 405 inside `route_layer`, released.
+    let not_allowed = webhook_support::send(addr, "PUT", "/payments", &json, br#"{"amount":10}"#).await;
+    assert_eq!(not_allowed.status, 405);
+    assert_eq!(dbsize(&server), 0, "405 released the claim");
+
+    // The corrected retry runs, and its own retry is the duplicate.
+    let paid = webhook_support::post(addr, "/payments", &json, br#"{"amount":10}"#).await;
+    assert_eq!((paid.status, paid.body.as_str()), (200, "paid 10"));
+    let again = webhook_support::post(addr, "/payments", &json, br#"{"amount":10}"#).await;
+    assert_eq!(again.status, 409);
+    assert_eq!(again.header("idempotency-status"), Some("duplicate"));
+
+    // 409 from the handler keeps the claim: the request conflicted with what was done.
+    let conflict = [
+        ("content-type", "application/json"),
+        ("idempotency-key", "pay-8"),
+        ("x-conflict", "1"),
+    ];
+    assert_eq!(
+        webhook_support::post(addr, "/payments", &conflict, br#"{"amount":1}"#)
+            .await
+            .status,
+        409
+    );
+    assert_eq!(server.cli(&["EXISTS", "POST /payments pay-8"]).trim(), "1", "kept");
+    assert_eq!(calls.get(), 2);
+}
+
+#[tokio::test]
+async fn safe_methods_never_claim_and_keys_are_scoped_by_method_route_and_principal() {
+    let server = RedisServer::start();
+    let calls = Calls::default();
+    let addr = payments_api(
+        &server,
+        &calls,
+        HeaderKey::idempotency_key().with_principal_header(http::header::AUTHORIZATION),
+    )
+    .await;
+    let alice = [
+        ("content-type", "application/json"),
+        ("idempotency-key", "k-1"),
+        ("authorization", "Bearer alice"),
+    ];
+    // GET with a key: no claim, every time.
+    for _ in 0..2 {
+        let listed = webhook_support::send(addr, "GET", "/payments", &alice, b"").await;
+        assert_eq!((listed.status, listed.body.as_str()), (200, "listed"));
+    }
+    assert_eq!(dbsize(&server), 0, "GET took no claim");
+
+    // The same key on two routes: two requests.
+    assert_eq!(
+        webhook_support::post(addr, "/payments", &alice, br#"{"amount":1}"#)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(webhook_support::post(addr, "/refunds", &alice, b"").await.status, 200);
+    // The same key from another principal: another request.
+    let bob = [
+        ("content-type", "application/json"),
+        ("idempotency-key", "k-1"),
+        ("authorization", "Bearer bob"),
+    ];
+    assert_eq!(
+        webhook_support::post(addr, "/payments", &bob, br#"{"amount":1}"#)
+            .await
+            .status,
+        200
+    );
+    // Alice's retry is the duplicate.
+    assert_eq!(
+        webhook_support::post(addr, "/payments", &alice, br#"{"amount":1}"#)
+            .await
+            .status,
+        409
+    );
+    assert_eq!(calls.get(), 5);
+    assert_eq!(dbsize(&server), 3);
+    let keys = server.cli(&["KEYS", "*"]);
+    assert!(
+        !keys.contains("alice") && !keys.contains("Bearer"),
+        "credentials never reach Redis: {keys}"
+    );
+    // A request with a key but no principal is refused, naming the header.
+    let anonymous = webhook_support::post(addr, "/refunds", &[("idempotency-key", "k-1")], b"").await;
+    assert_eq!(
+        (anonymous.status, anonymous.body.as_str()),
+        (400, r#"{"error":"missing `authorization` header"}"#)
+    );
+}
+
+#[tokio::test]
+async fn github_delivery_keys_are_scoped_by_hook_and_gitlab_idempotency_keys_by_instance() {
+    let server = RedisServer::start();
+    let calls = Calls::default();
+    let github = HttpIdempotencyLayer::new(store(&server).await, HeaderKey::github_delivery())
+        .with_responses(JsonResponses::webhook());
+    let gitlab = HttpIdempotencyLayer::new(store(&server).await, HeaderKey::gitlab_idempotency_key())
+        .with_responses(JsonResponses::webhook());
+    let addr = webhook_support::serve(
+        Router::new()
+            .route("/webhooks/github", post(echo).route_layer(github))
+            .route("/webhooks/gitlab", post(echo).route_layer(gitlab))
+            .layer(Extension(calls.clone())),
+    )
+    .await;
+    const GUID: &str = "72d3162e-cc78-11e3-81ab-4c9367dc0958";
+    let github_delivery = |hook: &'static str| [("x-github-hook-id", hook), ("x-github-delivery", GUID)];
+    // One event, one GUID, two hooks: two deliveries.
+    for hook in ["101", "202"] {
+        let response = webhook_support::post(addr, "/webhooks/github", &github_delivery(hook), b"{}").await;
+        assert_eq!(
+            response.header("x-seen-key"),
+            Some(format!("POST /webhooks/github x-github-hook-id={hook} {GUID}").as_str())
+        );
+    }
+    // A redelivery to one hook is the duplicate.
+    let redelivery = webhook_support::post(addr, "/webhooks/github", &github_delivery("101"), b"{}").await;
+    assert_eq!(redelivery.header("idempotency-status"), Some("duplicate"));
+    // Without the hook's id the key cannot be scoped: refused.
+    let unscoped = webhook_support::post(addr, "/webhooks/github", &[("x-github-delivery", GUID)], b"{}").await;
+    assert_eq!(
+        (unscoped.status, unscoped.body.as_str()),
+        (400, r#"{"error":"missing `x-github-hook-id` header"}"#)
+    );
+
+    // GitLab's Idempotency-Key, the same across retries of one delivery.
+    let gitlab_delivery = |instance: &'static str| {
+        [
+            ("x-gitlab-instance", instance),
+            ("idempotency-key", "0a1b2c3d-4e5f-6a7b-8c9d-0e1f2a3b4c5d"),
+        ]
+    };
+    let first = webhook_support::post(
+        addr,
+        "/webhooks/gitlab",
+        &gitlab_delivery("https://gitlab.example.com"),
+        b"{}",
+    )
+    .await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.header("idempotency-status"), None);
+    let retry = webhook_support::post(
+        addr,
+        "/webhooks/gitlab",
+        &gitlab_delivery("https://gitlab.example.com"),
+        b"{}",
+    )
+    .await;
+    assert_eq!(retry.header("idempotency-status"), Some("duplicate"));
+    let other = webhook_support::post(
+        addr,
+        "/webhooks/gitlab",
+        &gitlab_delivery("https://gitlab.other.org"),
+        b"{}",
+    )
+    .await;
+    assert_eq!(other.header("idempotency-status"), None);
+    assert_eq!(calls.get(), 4);
 }

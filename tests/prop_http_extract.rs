@@ -14,7 +14,9 @@ use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, Request, Response, StatusCode};
 use proptest::prelude::*;
 use tower::{Layer, ServiceExt};
-use tower_idempotency::http::{ExtractError, GitHubDispatchKey, HeaderKey, HttpIdempotencyLayer, HttpKeyExtractor};
+use tower_idempotency::http::{
+    AllEvents, ExtractError, GitHubDispatchKey, HeaderKey, HttpIdempotencyLayer, HttpKeyExtractor,
+};
 use tower_idempotency::{IdempotencyKey, MAX_KEY_LEN, MemoryStore};
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -137,7 +139,11 @@ proptest! {
         let (mut parts, _) = request().into_parts();
         let extracted = extractor.extract(&mut parts, &Bytes::new());
         let text = value.to_str().ok();
-        let expected = text.and_then(|t| IdempotencyKey::new(t).ok());
+        // The value must be a valid key by itself, and so must the key scoped by method and
+        // route (`POST / value`), which may be over the length limit when the value is not.
+        let expected = text
+            .filter(|t| IdempotencyKey::new(t).is_ok())
+            .and_then(|t| IdempotencyKey::new(format!("POST / {t}")).ok());
         match &extracted {
             Ok(Some(key)) => prop_assert_eq!(Some(key), expected.as_ref(), "accepted {:?}", value),
             Ok(None) => prop_assert!(false, "a present header never passes through"),
@@ -145,6 +151,9 @@ proptest! {
             Err(ExtractError::InvalidHeaderKey { .. }) => prop_assert!(text.is_some() && expected.is_none()),
             Err(other) => prop_assert!(false, "unexpected error {other:?}"),
         }
+        // A safe method never claims, whatever the header holds.
+        let (mut get, _) = Request::get("/").header("idempotency-key", value.clone()).body(()).unwrap().into_parts();
+        prop_assert!(matches!(extractor.extract(&mut get, &Bytes::new()), Ok(None)));
         let (status, called) = through_layer(extractor, request());
         if extracted.is_ok() {
             prop_assert_eq!(status, StatusCode::ACCEPTED);
@@ -164,7 +173,8 @@ proptest! {
         let body = pull_request_body(&pr, &sha, &name);
         let request = || Request::post("/").header("x-github-event", "pull_request").body(Body::from(body.clone())).unwrap();
         let (mut parts, _) = request().into_parts();
-        let extracted = GitHubDispatchKey::new().extract(&mut parts, &Bytes::from(body.clone()));
+        let extractor = GitHubDispatchKey::new().with_filter(AllEvents);
+        let extracted = extractor.extract(&mut parts, &Bytes::from(body.clone()));
 
         let expected = match (decoded_str(&name), decoded_pr(&pr), decoded_str(&sha)) {
             (Some(n), Some(p), Some(s)) => IdempotencyKey::for_pull_request(&n, p, &s).ok(),
@@ -179,7 +189,7 @@ proptest! {
                 prop_assert!(!msg.chars().any(char::is_control), "control character in {msg:?}");
             }
         }
-        let (status, called) = through_layer(GitHubDispatchKey::new(), request());
+        let (status, called) = through_layer(extractor, request());
         match extracted {
             Ok(_) => {
                 prop_assert_eq!(status, StatusCode::ACCEPTED);
@@ -206,7 +216,7 @@ proptest! {
     ) {
         let Ok(value) = HeaderValue::from_str(&event) else { return Ok(()) };
         let (mut parts, _) = Request::post("/").header("x-github-event", value).body(()).unwrap().into_parts();
-        if let Ok(Some(key)) = GitHubDispatchKey::new().extract(&mut parts, &Bytes::from(body)) {
+        if let Ok(Some(key)) = GitHubDispatchKey::new().with_filter(AllEvents).extract(&mut parts, &Bytes::from(body)) {
             prop_assert!(key.as_str().len() <= MAX_KEY_LEN && !key.as_str().is_empty());
         }
     }

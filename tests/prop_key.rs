@@ -95,7 +95,7 @@ proptest! {
     ) {
         let project_ok = !project.is_empty() && !project.chars().any(|c| c.is_whitespace() || unprintable(c));
         let sha_ok = (7..=64).contains(&sha.len()) && sha.bytes().all(|b| b.is_ascii_hexdigit());
-        let rendered = format!("{project}:{pr}:{}", sha.to_ascii_lowercase());
+        let rendered = format!("{}:{pr}:{}", project.to_ascii_lowercase(), sha.to_ascii_lowercase());
         match IdempotencyKey::for_pull_request(&project, pr, &sha) {
             Ok(key) => {
                 prop_assert!(project_ok && pr != 0 && sha_ok, "accepted ({project:?}, {pr}, {sha:?})");

@@ -17,7 +17,7 @@ use axum::body::{Body, Bytes};
 use axum::http::Request;
 use common::RedisServer;
 use tower::ServiceExt;
-use tower_idempotency::http::{ExtractError, GitHubDispatchKey, GitLabDispatchKey, HttpKeyExtractor};
+use tower_idempotency::http::{AllEvents, ExtractError, GitHubDispatchKey, GitLabDispatchKey, HttpKeyExtractor};
 use webhook_support::{corpus_dir, files_in, fixture, github_delivery, status_and_body};
 
 const FORK_SHA: &str = "0123456789abcdef0123456789abcdef01234567";
@@ -40,6 +40,8 @@ fn github_fixtures() -> Vec<(&'static str, &'static str, Expect)> {
             "check_run",
             Key("octo-org/fork-target:3:0123456789abcdef0123456789abcdef01234567"),
         ),
+        // Its only listed pull request belongs to another repository (base repository id 77).
+        ("check_suite.foreign_pull_request_only.json", "check_suite", PassThrough),
         ("check_suite.fork_pr.json", "check_suite", PassThrough),
         (
             "check_suite.missing_head_sha.json",
@@ -96,6 +98,13 @@ fn github_fixtures() -> Vec<(&'static str, &'static str, Expect)> {
             "pull_request",
             Rejected("`pull_request` payload does not make a valid key"),
         ),
+        // #2 is another repository's (listed first); #5 and #6 are its own, and #6 has the
+        // run's head SHA (in upper case). The repository is lower-cased in the key.
+        (
+            "workflow_run.foreign_and_own_pull_requests.json",
+            "workflow_run",
+            Key("octo-org/fork-target:6:0123456789abcdef0123456789abcdef01234567"),
+        ),
         (
             "workflow_run.refs_pull_head_branch.json",
             "workflow_run",
@@ -104,20 +113,44 @@ fn github_fixtures() -> Vec<(&'static str, &'static str, Expect)> {
     ]
 }
 
-fn gitlab_fixtures() -> Vec<(&'static str, &'static str, Expect)> {
+/// (fixture, event header, expectation, expectation with detached merge-request pipelines).
+fn gitlab_fixtures() -> Vec<(&'static str, &'static str, Expect, Expect)> {
+    let same = |file, hook, expect| (file, hook, expect, expect);
     vec![
-        (
+        same(
             "merge_request.missing_last_commit.json",
             "Merge Request Hook",
             Rejected("`merge_request` payload has no `object_attributes.last_commit.id`"),
         ),
-        (
+        same(
+            "merge_request.update_new_commits.json",
+            "Merge Request Hook",
+            Key("group/app:7:a91957a858320c0e17f3a0eca7cfacbff50ea29a"),
+        ),
+        same(
+            "merge_request.update_title_only.json",
+            "Merge Request Hook",
+            Key("group/app:7:a91957a858320c0e17f3a0eca7cfacbff50ea29a"),
+        ),
+        same(
             "merge_request.wrong_types.json",
             "Merge Request Hook",
             Rejected("malformed `merge_request` payload at `object_attributes.iid`"),
         ),
-        ("note.on_issue.json", "Note Hook", PassThrough),
-        ("pipeline.branch_pipeline.json", "Pipeline Hook", PassThrough),
+        same("note.on_issue.json", "Note Hook", PassThrough),
+        same("pipeline.branch_pipeline.json", "Pipeline Hook", PassThrough),
+        // A merge train pipeline whose ref names the train ref: never keyed, its SHA is not the
+        // merge request's head.
+        same("pipeline.merge_train_ref.json", "Pipeline Hook", PassThrough),
+        // A merged results pipeline as current GitLab sends it: `ref` is the source branch and
+        // nothing says the SHA is the merge-ref commit. Passes through by default; with detached
+        // pipelines declared, it is (by that declaration) keyed on its SHA.
+        (
+            "pipeline.merged_results.json",
+            "Pipeline Hook",
+            PassThrough,
+            Key("group/app:7:a91957a858320c0e17f3a0eca7cfacbff50ea29a"),
+        ),
     ]
 }
 
@@ -168,25 +201,28 @@ fn hand_written_fixtures_get_their_key_pass_through_or_a_400_naming_the_problem(
         let body = fixture(&format!("github/{file}"));
         check(
             file,
-            run(&GitHubDispatchKey::new(), ("x-github-event", event), &body),
+            run(
+                &GitHubDispatchKey::new().with_filter(AllEvents),
+                ("x-github-event", event),
+                &body,
+            ),
             expect,
         );
     }
     let gitlab = gitlab_fixtures();
     assert_every_fixture_has_a_case("gitlab", &gitlab.iter().map(|c| c.0).collect::<Vec<_>>());
-    for (file, hook, expect) in gitlab {
+    let all = GitLabDispatchKey::new().with_filter(AllEvents);
+    let detached = all.clone().with_detached_pipelines(true);
+    for (file, hook, expect, with_detached) in gitlab {
         let body = fixture(&format!("gitlab/{file}"));
-        check(
-            file,
-            run(&GitLabDispatchKey::new(), ("x-gitlab-event", hook), &body),
-            expect,
-        );
+        check(file, run(&all, ("x-gitlab-event", hook), &body), expect);
+        check(file, run(&detached, ("x-gitlab-event", hook), &body), with_detached);
     }
 }
 
 #[test]
 fn pathological_documents_are_refused_without_panicking() {
-    let extractor = GitHubDispatchKey::new();
+    let extractor = GitHubDispatchKey::new().with_filter(AllEvents);
     let header = ("x-github-event", "pull_request");
     let deep = format!("{}{}", r#"{"pull_request":"#.repeat(100_000), "}".repeat(100_000));
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
@@ -354,8 +390,8 @@ fn thousands_of_mutated_payloads_never_panic() {
             seeds.push((name, event, std::fs::read(path).unwrap()));
         }
     }
-    let github = GitHubDispatchKey::new();
-    let gitlab = GitLabDispatchKey::new();
+    let github = GitHubDispatchKey::new().with_filter(AllEvents);
+    let gitlab = GitLabDispatchKey::new().with_filter(AllEvents);
     let mut rng = Lcg(0x5eed);
     let (mut keyed, mut passed, mut refused) = (0, 0, 0);
     for (name, event, body) in &seeds {
@@ -413,7 +449,7 @@ async fn the_router_never_dispatches_bad_input() {
         match expect {
             Rejected(_) => assert_eq!(status, 400, "{file}: {text}"),
             PassThrough => assert_eq!((status, text.as_str()), (200, r#"{"status":"ignored"}"#), "{file}"),
-            // check_run is not a dispatching event of the router; the other two are suites/runs
+            // check_run is not a dispatching event of the router; the others are suites/runs
             // completed with success.
             Key(key) if event == "check_run" => {
                 assert_eq!(
@@ -454,7 +490,7 @@ async fn the_router_never_dispatches_bad_input() {
         dispatched.len().to_string(),
         "only the good fixtures were dispatched"
     );
-    assert_eq!(dispatched.len(), 2);
+    assert_eq!(dispatched.len(), 3);
     let claims = server.cli(&["KEYS", "github-dispatch:*"]);
     let mut claims: Vec<&str> = claims.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
     claims.sort();

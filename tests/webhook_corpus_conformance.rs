@@ -30,7 +30,8 @@ use tower::ServiceExt;
 use tower_idempotency::IdempotencyKey;
 use tower_idempotency::RedisStore;
 use tower_idempotency::http::{
-    DispatchTarget, GitHubDispatchKey, GitLabDispatchKey, HttpIdempotencyLayer, HttpKeyExtractor, JsonResponses,
+    AllEvents, DispatchTarget, GitHubDispatchKey, GitLabDispatchKey, HttpIdempotencyLayer, HttpKeyExtractor,
+    JsonResponses,
 };
 use webhook_support::{corpus_dir, files_in, status_and_body};
 
@@ -56,8 +57,8 @@ fn key(key: &'static str, action: &'static str) -> Expect {
     }
 }
 
-const HELLO_PR2: &str = "Codertocat/Hello-World:2:ec26c3e57ca3a959ca5aad62de7213c562f8c821";
-const OCTO_PR2: &str = "octo-org/octo-repo:2:3484a3fb816e0859fd6e1cea078d76385ff50625";
+/// Keys lower-case the repository (GitHub resolves it case-insensitively).
+const HELLO_PR2: &str = "codertocat/hello-world:2:ec26c3e57ca3a959ca5aad62de7213c562f8c821";
 const NOT_JSON: Expect = Rejected("malformed `check_suite` payload at `.`");
 
 /// (file, `X-GitHub-Event` sent, with every event dispatching, with the reference router's
@@ -160,22 +161,27 @@ fn github_cases() -> Vec<(&'static str, &'static str, Expect, Expect)> {
             PassThrough,
             PassThrough,
         ),
-        // Keyed on workflow_run.head_sha (3484a3fb…), not on pull_requests[0].head.sha (ec26c3e5…).
+        // The run is in octo-org/octo-repo (id 300029405); its only listed pull request is
+        // Codertocat/Hello-World#2 (base repository id 186853002, another head SHA). Pairing that
+        // number with octo-org/octo-repo would dispatch a review of octo-org/octo-repo#2, which
+        // this event is not about: it names none of its own repository's pull requests.
         (
             "workflow_run.completed.with-pull-requests.payload.json",
             "workflow_run",
-            key(OCTO_PR2, "completed"),
-            key(OCTO_PR2, "completed"),
+            PassThrough,
+            PassThrough,
         ),
     ]
 }
 
-/// (file, `X-Gitlab-Event` sent, expectation). Non-payload files are sent as merge request hooks.
-fn gitlab_cases() -> Vec<(&'static str, &'static str, Expect)> {
+/// (file, `X-Gitlab-Event` sent, expectation, expectation with detached merge-request pipelines).
+/// Non-payload files are sent as merge request hooks.
+fn gitlab_cases() -> Vec<(&'static str, &'static str, Expect, Expect)> {
     const NOT_JSON: Expect = Rejected("malformed `merge_request` payload at `.`");
+    let same = |file, hook, expect| (file, hook, expect, expect);
     vec![
-        ("PROVENANCE.md", "Merge Request Hook", NOT_JSON),
-        (
+        same("PROVENANCE.md", "Merge Request Hook", NOT_JSON),
+        same(
             "gitlab.merge_request.json",
             "Merge Request Hook",
             key(
@@ -183,7 +189,7 @@ fn gitlab_cases() -> Vec<(&'static str, &'static str, Expect)> {
                 "open",
             ),
         ),
-        (
+        same(
             "gitlab.note_merge_request.json",
             "Note Hook",
             key(
@@ -191,16 +197,20 @@ fn gitlab_cases() -> Vec<(&'static str, &'static str, Expect)> {
                 "create",
             ),
         ),
+        // A merge-request pipeline: by default it passes through, since the hook cannot say
+        // whether its SHA is the head or a merged-results commit; keyed when the project runs
+        // detached merge-request pipelines only.
         (
             "gitlab.pipeline.json",
             "Pipeline Hook",
+            PassThrough,
             Expect::Key {
                 key: "gitlab-org/gitlab-test:1:bcbb5ec396a2c0f828686f14fac9b80b780504f2",
                 action: None,
             },
         ),
-        ("gitlab.push.json", "Push Hook", PassThrough),
-        ("go-gitlab.LICENSE", "Merge Request Hook", NOT_JSON),
+        same("gitlab.push.json", "Push Hook", PassThrough),
+        same("go-gitlab.LICENSE", "Merge Request Hook", NOT_JSON),
     ]
 }
 
@@ -336,7 +346,7 @@ async fn every_github_corpus_file_gets_its_exact_key_or_passes_through() {
 
     let server = RedisServer::start();
     let store = RedisStore::connect(server.url()).await.unwrap();
-    let all = GitHubDispatchKey::new();
+    let all = GitHubDispatchKey::new().with_filter(AllEvents);
     let routed = GitHubDispatchKey::new().with_filter(webhook_router::dispatch_rules());
     let mut claimed = 0;
     for (i, (file, event, with_all, with_router_rules)) in cases.into_iter().enumerate() {
@@ -367,7 +377,7 @@ async fn every_github_corpus_file_gets_its_exact_key_or_passes_through() {
     }
     // Exactly the keyed deliveries left a claim; nothing else touched Redis.
     assert_eq!(server.cli(&["DBSIZE"]).trim(), claimed.to_string());
-    assert_eq!(claimed, 13, "keyed deliveries in the table");
+    assert_eq!(claimed, 11, "keyed deliveries in the table");
 }
 
 #[tokio::test]
@@ -378,12 +388,14 @@ async fn every_gitlab_corpus_file_gets_its_exact_key_or_passes_through() {
 
     let server = RedisServer::start();
     let store = RedisStore::connect(server.url()).await.unwrap();
-    let extractor = GitLabDispatchKey::new();
+    let extractor = GitLabDispatchKey::new().with_filter(AllEvents);
+    let detached = extractor.clone().with_detached_pipelines(true);
     let mut claimed = 0;
-    for (i, (file, hook, expect)) in cases.into_iter().enumerate() {
+    for (i, (file, hook, expect, with_detached)) in cases.into_iter().enumerate() {
         let body = RawBytes::from(std::fs::read(dir.join(file)).unwrap());
         let headers = [("x-gitlab-event", hook), ("x-gitlab-webhook-uuid", "delivery-1")];
         check_extractor(&extractor, file, &headers, &body, expect);
+        check_extractor(&detached, file, &headers, &body, with_detached);
         check_layer(
             &app(store.clone(), extractor.clone(), &format!("gl{i}:")),
             file,
@@ -392,8 +404,37 @@ async fn every_gitlab_corpus_file_gets_its_exact_key_or_passes_through() {
             expect,
         )
         .await;
-        claimed += usize::from(matches!(expect, Expect::Key { .. }));
+        check_layer(
+            &app(store.clone(), detached.clone(), &format!("gl-detached{i}:")),
+            file,
+            &headers,
+            &body,
+            with_detached,
+        )
+        .await;
+        claimed += [expect, with_detached]
+            .iter()
+            .filter(|e| matches!(e, Expect::Key { .. }))
+            .count();
     }
     assert_eq!(server.cli(&["DBSIZE"]).trim(), claimed.to_string());
-    assert_eq!(claimed, 3);
+    assert_eq!(claimed, 5);
+}
+
+/// The GitHub extractor with nothing configured claims nothing: the presets never take a claim
+/// for an event nobody asked to dispatch.
+#[test]
+fn with_no_rules_no_corpus_file_takes_a_claim() {
+    let Some(dir) = corpus_dir("github") else { return };
+    for (file, event, _, _) in github_cases() {
+        let body = RawBytes::from(std::fs::read(dir.join(file)).unwrap());
+        let (mut parts, ()) = http::Request::post("/")
+            .header("x-github-event", event)
+            .body(())
+            .unwrap()
+            .into_parts();
+        if let Ok(key) = GitHubDispatchKey::new().extract(&mut parts, &body) {
+            assert_eq!(key, None, "{file}");
+        }
+    }
 }

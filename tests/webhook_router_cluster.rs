@@ -13,9 +13,10 @@ use tower::ServiceExt;
 use webhook_router::RouterConfig;
 use webhook_support::{github_delivery, status_and_body};
 
-fn review_requested(pr: u64, sha: &str) -> String {
+/// An automated trigger: a green check suite of Hello-World's pull request `pr` at `sha`.
+fn check_suite(pr: u64, sha: &str) -> String {
     format!(
-        r#"{{"action":"review_requested","number":{pr},"repository":{{"full_name":"Codertocat/Hello-World"}},"pull_request":{{"number":{pr},"head":{{"sha":"{sha}"}}}}}}"#
+        r#"{{"action":"completed","repository":{{"id":186853002,"full_name":"Codertocat/Hello-World"}},"check_suite":{{"head_sha":"{sha}","conclusion":"success","pull_requests":[{{"number":{pr},"head":{{"sha":"{sha}"}},"base":{{"repo":{{"id":186853002}}}}}}]}}}}"#
     )
 }
 
@@ -54,23 +55,23 @@ async fn router_on_a_cluster_dispatches_each_key_once() {
     for (i, sha) in shas.iter().enumerate() {
         let pr = 2 + i as u64;
         let first = app.clone().oneshot(github_delivery(
-            "pull_request",
+            "check_suite",
             &format!("d-{i}-a"),
-            review_requested(pr, sha),
+            check_suite(pr, sha),
         ));
         let (status, body) = status_and_body(first.await.unwrap()).await;
         assert_eq!(status, 202, "{body}");
         let again = app.clone().oneshot(github_delivery(
-            "pull_request",
+            "check_suite",
             &format!("d-{i}-b"),
-            review_requested(pr, sha),
+            check_suite(pr, sha),
         ));
         let (status, body) = status_and_body(again.await.unwrap()).await;
         assert_eq!((status, body.contains("duplicate")), (200, true), "{body}");
     }
     assert_eq!(cluster.cli(&["XLEN", "reviews"]), "2");
     for (i, sha) in shas.iter().enumerate() {
-        let key = format!("github-dispatch:Codertocat/Hello-World:{}:{sha}", 2 + i);
+        let key = format!("github-dispatch:codertocat/hello-world:{}:{sha}", 2 + i);
         assert_eq!(cluster.cli(&["EXISTS", &key]), "1", "claim {key} lives in the cluster");
     }
 }

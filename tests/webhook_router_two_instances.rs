@@ -1,8 +1,9 @@
 //! End to end: two instances of the reference webhook router, each with its own Redis
 //! connection, serve HTTP on their own ports and receive the same signed deliveries
-//! concurrently (several deliveries per (repository, PR, head SHA): `pull_request
-//! review_requested`, one `check_suite completed` per CI app, `workflow_run completed`, and
-//! GitHub's redeliveries). Exactly one stream entry per (repository, PR, SHA) must result.
+//! concurrently (several automated deliveries per (repository, PR, head SHA): one `check_suite
+//! completed` per CI app, `workflow_run completed`, and GitHub's redeliveries). Exactly one
+//! stream entry per (repository, PR, SHA) must result. (`pull_request review_requested` is a
+//! human override with its own rules: tests/webhook_override.rs.)
 //!
 //! The control run gives each instance its own in-memory store (the per-process map of the
 //! incident): then every triple is dispatched once per instance, which the same check catches.
@@ -44,10 +45,10 @@ fn deliveries() -> (Vec<(String, String, String)>, BTreeSet<Triple>) {
     let mut out = Vec::new();
     let mut triples = BTreeSet::new();
     for pr in 1..=PULL_REQUESTS {
-        let project = if pr % 2 == 0 {
-            "octo-org/octo-repo"
+        let (project, repository_id) = if pr % 2 == 0 {
+            ("octo-org/octo-repo", 300_029_405)
         } else {
-            "Codertocat/Hello-World"
+            ("Codertocat/Hello-World", 186_853_002)
         };
         for n in 0..SHAS_PER_PR {
             let sha = sha(pr, n);
@@ -57,19 +58,12 @@ fn deliveries() -> (Vec<(String, String, String)>, BTreeSet<Triple>) {
                 sha: sha.clone(),
             });
             let tag = format!("{pr}-{n}");
-            out.push((
-                "pull_request".to_owned(),
-                format!("pr-{tag}"),
-                format!(
-                    r#"{{"action":"review_requested","number":{pr},"repository":{{"full_name":"{project}"}},"pull_request":{{"number":{pr},"head":{{"sha":"{sha}"}}}}}}"#
-                ),
-            ));
             for app in ["ci-one", "ci-two"] {
                 out.push((
                     "check_suite".to_owned(),
                     format!("suite-{app}-{tag}"),
                     format!(
-                        r#"{{"action":"completed","repository":{{"full_name":"{project}"}},"check_suite":{{"head_sha":"{sha}","head_branch":"feature","conclusion":"success","app":{{"slug":"{app}"}},"pull_requests":[{{"number":{pr}}}]}}}}"#
+                        r#"{{"action":"completed","repository":{{"id":{repository_id},"full_name":"{project}"}},"check_suite":{{"head_sha":"{sha}","head_branch":"feature","conclusion":"success","app":{{"slug":"{app}"}},"pull_requests":[{{"number":{pr},"head":{{"sha":"{sha}"}},"base":{{"repo":{{"id":{repository_id}}}}}}}]}}}}"#
                     ),
                 ));
             }
@@ -86,7 +80,7 @@ fn deliveries() -> (Vec<(String, String, String)>, BTreeSet<Triple>) {
                 "check_suite".to_owned(),
                 format!("requested-{tag}"),
                 format!(
-                    r#"{{"action":"requested","repository":{{"full_name":"{project}"}},"check_suite":{{"head_sha":"{sha}","conclusion":null,"pull_requests":[{{"number":{pr}}}]}}}}"#
+                    r#"{{"action":"requested","repository":{{"id":{repository_id},"full_name":"{project}"}},"check_suite":{{"head_sha":"{sha}","conclusion":null,"pull_requests":[{{"number":{pr},"base":{{"repo":{{"id":{repository_id}}}}}}}]}}}}"#
                 ),
             ));
             out.push((

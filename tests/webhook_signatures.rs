@@ -1,6 +1,8 @@
 //! Signature checks run before the claim: a missing, malformed or wrong `X-Hub-Signature-256` /
-//! `X-Gitlab-Token` is answered `401` and never touches Redis, so a forged delivery cannot block
-//! the legitimate one that follows.
+//! `X-Gitlab-Token` is answered `403` and never touches Redis, so a forged delivery cannot block
+//! the legitimate one that follows. Empty secrets are refused when the verifier is built, several
+//! secrets can be accepted at once (rotation), and the presets claim nothing until told what
+//! dispatches.
 #![cfg(all(feature = "http", feature = "redis"))]
 
 mod common;
@@ -13,8 +15,11 @@ use axum::{Extension, Router};
 use common::{Calls, RedisServer};
 use tower::ServiceExt;
 use tower_idempotency::RedisStore;
-use tower_idempotency::http::{GitHubDispatchKey, GitHubSignature, HttpIdempotencyLayer, JsonResponses};
-use webhook_support::{github_delivery, github_signature, signed_github_delivery, status_and_body};
+use tower_idempotency::http::{
+    AllEvents, GitHubDispatchKey, GitHubSignature, GitLabDispatchKey, GitLabToken, HttpIdempotencyLayer, JsonResponses,
+    SecretError,
+};
+use webhook_support::{github_delivery, github_signature, serve, signed_github_delivery, status_and_body};
 
 const SECRET: &[u8] = b"It's a Secret to Everybody";
 const SHA: &str = "ec26c3e57ca3a959ca5aad62de7213c562f8c821";
@@ -60,11 +65,16 @@ fn dbsize(server: &RedisServer) -> String {
 }
 
 #[tokio::test]
-async fn bad_github_signatures_are_401_and_take_no_claim() {
+async fn bad_github_signatures_are_403_and_take_no_claim() {
     let server = RedisServer::start();
     let store = RedisStore::connect(server.url()).await.unwrap();
     let calls = Calls::default();
-    let app = router(HttpIdempotencyLayer::github_webhook(store, SECRET), &calls);
+    let app = router(
+        HttpIdempotencyLayer::github_webhook(store, SECRET)
+            .expect("a secret")
+            .with_extractor(GitHubDispatchKey::new().with_filter(AllEvents)),
+        &calls,
+    );
     let body = review_requested();
 
     let with_signature = |value: &str| {
@@ -123,7 +133,7 @@ async fn bad_github_signatures_are_401_and_take_no_claim() {
     ];
     for (request, message) in cases {
         let (status, text) = status_and_body(app.clone().oneshot(request).await.unwrap()).await;
-        assert_eq!(status, 401, "{text}");
+        assert_eq!(status, 403, "{text}");
         assert_eq!(text, serde_json::json!({ "error": message }).to_string());
     }
     assert_eq!(calls.get(), 0);
@@ -139,7 +149,7 @@ async fn bad_github_signatures_are_401_and_take_no_claim() {
     assert_eq!(calls.get(), 1);
     assert_eq!(
         server
-            .cli(&["EXISTS", &format!("Codertocat/Hello-World:2:{SHA}")])
+            .cli(&["EXISTS", &format!("codertocat/hello-world:2:{SHA}")])
             .trim(),
         "1"
     );
@@ -153,11 +163,16 @@ async fn bad_github_signatures_are_401_and_take_no_claim() {
 }
 
 #[tokio::test]
-async fn bad_gitlab_tokens_are_401_and_take_no_claim() {
+async fn bad_gitlab_tokens_are_403_and_take_no_claim() {
     let server = RedisServer::start();
     let store = RedisStore::connect(server.url()).await.unwrap();
     let calls = Calls::default();
-    let app = router(HttpIdempotencyLayer::gitlab_webhook(store, "gl-token"), &calls);
+    let app = router(
+        HttpIdempotencyLayer::gitlab_webhook(store, "gl-token")
+            .expect("a token")
+            .with_extractor(GitLabDispatchKey::new().with_filter(AllEvents)),
+        &calls,
+    );
     let delivery = |token: Option<&str>| {
         let mut builder = Request::post("/webhooks/github").header("x-gitlab-event", "Merge Request Hook");
         if let Some(token) = token {
@@ -174,7 +189,7 @@ async fn bad_gitlab_tokens_are_401_and_take_no_claim() {
         (Some(""), "`x-gitlab-token` does not match"),
     ] {
         let (status, text) = status_and_body(app.clone().oneshot(delivery(token)).await.unwrap()).await;
-        assert_eq!(status, 401, "{token:?}: {text}");
+        assert_eq!(status, 403, "{token:?}: {text}");
         assert_eq!(text, serde_json::json!({ "error": message }).to_string());
     }
     assert_eq!(calls.get(), 0);
@@ -190,7 +205,7 @@ async fn without_a_secret_nothing_is_checked() {
     let server = RedisServer::start();
     let store = RedisStore::connect(server.url()).await.unwrap();
     let calls = Calls::default();
-    let layer = HttpIdempotencyLayer::new(store, GitHubDispatchKey::new())
+    let layer = HttpIdempotencyLayer::new(store, GitHubDispatchKey::new().with_filter(AllEvents))
         .with_verifier(None::<GitHubSignature>)
         .with_responses(JsonResponses::webhook());
     let app = router(layer, &calls);
@@ -217,7 +232,7 @@ fn github_documented_example_and_long_secrets() {
     };
     // From GitHub's "Validating webhook deliveries".
     let documented = signed("sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17");
-    let verifier = GitHubSignature::new("It's a Secret to Everybody");
+    let verifier = GitHubSignature::try_new("It's a Secret to Everybody").unwrap();
     assert!(
         verifier
             .verify(&documented, &Bytes::from_static(b"Hello, World!"))
@@ -234,12 +249,14 @@ fn github_documented_example_and_long_secrets() {
     let body = b"{}";
     let request = signed(&github_signature(long_secret.as_bytes(), body));
     assert!(
-        GitHubSignature::new(&long_secret)
+        GitHubSignature::try_new(&long_secret)
+            .unwrap()
             .verify(&request, &Bytes::from_static(body))
             .is_ok()
     );
     assert!(
-        GitHubSignature::new(&long_secret[..99])
+        GitHubSignature::try_new(&long_secret[..99])
+            .unwrap()
             .verify(&request, &Bytes::from_static(body))
             .is_err()
     );
@@ -247,9 +264,155 @@ fn github_documented_example_and_long_secrets() {
 
 #[test]
 fn debug_output_never_shows_secrets() {
-    let github = format!("{:?}", GitHubSignature::new("hunter2-github"));
-    let gitlab = format!("{:?}", tower_idempotency::http::GitLabToken::new("hunter2-gitlab"));
+    let github = format!("{:?}", GitHubSignature::try_new("hunter2-github").unwrap());
+    let gitlab = format!("{:?}", GitLabToken::try_new("hunter2-gitlab").unwrap());
     assert!(!github.contains("hunter2"), "{github}");
     assert!(!gitlab.contains("hunter2"), "{gitlab}");
     assert!(github.contains("redacted") && gitlab.contains("redacted"));
+}
+
+#[test]
+fn empty_secrets_and_tokens_are_refused_at_construction_with_a_clear_error() {
+    let error = GitHubSignature::try_new("").unwrap_err();
+    assert_eq!(error, SecretError::Empty { index: 0 });
+    assert_eq!(
+        error.to_string(),
+        "webhook secret #0 is empty: anyone could sign (or send) a matching delivery"
+    );
+    assert_eq!(
+        GitHubSignature::try_from_secrets(["current", ""]).unwrap_err(),
+        SecretError::Empty { index: 1 }
+    );
+    assert_eq!(GitLabToken::try_new("").unwrap_err(), SecretError::Empty { index: 0 });
+    assert_eq!(
+        GitLabToken::try_from_tokens(Vec::<String>::new()).unwrap_err(),
+        SecretError::None
+    );
+}
+
+/// A GitHub receiver on real HTTP with claims in `server`, dispatching every event that names a
+/// pull request.
+async fn github_receiver(server: &RedisServer, verifier: GitHubSignature, calls: &Calls) -> std::net::SocketAddr {
+    let store = RedisStore::connect(server.url()).await.unwrap();
+    let layer = HttpIdempotencyLayer::new(store, GitHubDispatchKey::new().with_filter(AllEvents))
+        .with_verifier(verifier)
+        .with_responses(JsonResponses::webhook());
+    serve(router(layer, calls)).await
+}
+
+#[tokio::test]
+async fn rotation_accepts_the_old_and_the_new_secret_and_refuses_others_over_http() {
+    let server = RedisServer::start();
+    let calls = Calls::default();
+    let verifier = GitHubSignature::try_from_secrets([&b"new secret"[..], SECRET]).unwrap();
+    assert_eq!(verifier.secret_count(), 2);
+    let addr = github_receiver(&server, verifier, &calls).await;
+    let deliver = |secret: &'static [u8], pr: u64| async move {
+        let body = String::from_utf8(review_requested())
+            .unwrap()
+            .replace(":2", &format!(":{pr}"));
+        let signature = github_signature(secret, body.as_bytes());
+        let headers = [
+            ("content-type", "application/json"),
+            ("x-github-event", "pull_request"),
+            ("x-github-delivery", "d"),
+            ("x-hub-signature-256", signature.as_str()),
+        ];
+        webhook_support::post(addr, "/webhooks/github", &headers, body.as_bytes())
+            .await
+            .status
+    };
+    assert_eq!(deliver(SECRET, 3).await, 202, "the old secret");
+    assert_eq!(deliver(b"new secret", 4).await, 202, "the new secret");
+    assert_eq!(deliver(b"retired secret", 5).await, 403, "any other");
+    assert_eq!(calls.get(), 2);
+    assert_eq!(dbsize(&server), "2");
+}
+
+#[tokio::test]
+async fn gitlab_tokens_are_checked_before_the_body_and_rotate_over_http() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(server.url()).await.unwrap();
+    let calls = Calls::default();
+    let layer = HttpIdempotencyLayer::new(store, GitLabDispatchKey::new().with_filter(AllEvents))
+        .with_verifier(GitLabToken::try_from_tokens(["old-token", "new-token"]).unwrap())
+        .with_responses(JsonResponses::webhook());
+    let addr = serve(router(layer, &calls)).await;
+    let headers = |token: &'static str| {
+        [
+            ("content-type", "application/json"),
+            ("x-gitlab-event", "Merge Request Hook"),
+            ("x-gitlab-token", token),
+        ]
+    };
+    // A wrong token with a declared 20 MB body: answered from the head, within a second.
+    let refused = tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        webhook_support::post_head_only(addr, "/webhooks/github", &headers("guess"), 20_000_000),
+    )
+    .await
+    .expect("answered without reading the body");
+    assert_eq!(
+        (refused.status, refused.body.as_str()),
+        (403, r#"{"error":"`x-gitlab-token` does not match"}"#)
+    );
+    for token in ["old-token", "new-token"] {
+        let response = webhook_support::post(addr, "/webhooks/github", &headers(token), &merge_request()).await;
+        assert!([202, 200].contains(&response.status), "{token}: {}", response.body);
+    }
+    assert_eq!(calls.get(), 1, "the second is a duplicate of the first");
+    assert_eq!(dbsize(&server), "1");
+}
+
+#[tokio::test]
+async fn the_presets_claim_nothing_until_told_what_dispatches() {
+    let server = RedisServer::start();
+    let calls = Calls::default();
+    let store = RedisStore::connect(server.url()).await.unwrap();
+    let addr = serve(router(
+        HttpIdempotencyLayer::github_webhook(store, SECRET).expect("a secret"),
+        &calls,
+    ))
+    .await;
+    let requested = format!(
+        r#"{{"action":"requested","repository":{{"id":1,"full_name":"o/r"}},"check_suite":{{"head_sha":"{SHA}","pull_requests":[{{"number":2,"base":{{"repo":{{"id":1}}}}}}]}}}}"#
+    );
+    for (event, body) in [
+        ("check_suite", requested.into_bytes()),
+        ("pull_request", review_requested()),
+    ] {
+        let signature = github_signature(SECRET, &body);
+        let headers = [
+            ("content-type", "application/json"),
+            ("x-github-event", event),
+            ("x-github-delivery", "d"),
+            ("x-hub-signature-256", signature.as_str()),
+        ];
+        // Passed through to the handler, unclaimed.
+        assert_eq!(
+            webhook_support::post(addr, "/webhooks/github", &headers, &body)
+                .await
+                .status,
+            202,
+            "{event}"
+        );
+    }
+    assert_eq!(calls.get(), 2);
+    assert_eq!(dbsize(&server), "0", "no event took a claim");
+
+    let store = RedisStore::connect(server.url()).await.unwrap();
+    let gitlab = HttpIdempotencyLayer::gitlab_webhook(store, "gl-token").expect("a token");
+    let addr = serve(router(gitlab, &calls)).await;
+    let headers = [
+        ("content-type", "application/json"),
+        ("x-gitlab-event", "Merge Request Hook"),
+        ("x-gitlab-token", "gl-token"),
+    ];
+    assert_eq!(
+        webhook_support::post(addr, "/webhooks/github", &headers, &merge_request())
+            .await
+            .status,
+        202
+    );
+    assert_eq!(dbsize(&server), "0", "no event took a claim");
 }

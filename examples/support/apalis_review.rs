@@ -193,6 +193,8 @@ where
                 }
                 IdempotencyError::InvalidKey { .. } => (Status::Killed, "invalid_key"),
                 IdempotencyError::ClaimLost { .. } => (Status::Killed, "claim_lost"),
+                // Blocked and the claim still stands (released in the background): retry later.
+                IdempotencyError::ReleaseFailed { .. } => (Status::Failed, "release_failed"),
                 _ => (Status::Failed, "short_circuit"),
             };
             tracing::info!(
@@ -222,6 +224,12 @@ fn without_inner(err: IdempotencyError<BoxDynError>) -> BoxDynError {
         }
         IdempotencyError::InvalidKey { source } => Box::new(IdempotencyError::<Infallible>::InvalidKey { source }),
         IdempotencyError::ClaimLost { key } => Box::new(IdempotencyError::<Infallible>::ClaimLost { key }),
+        IdempotencyError::ReleaseFailed { key, source } => {
+            Box::new(IdempotencyError::<Infallible>::ReleaseFailed { key, source })
+        }
+        IdempotencyError::Misconfigured { source } => {
+            Box::new(IdempotencyError::<Infallible>::Misconfigured { source })
+        }
         other => other.to_string().into(),
     }
 }

@@ -11,6 +11,7 @@
 //! | dispatched | kept until its TTL | `XACK` |
 //! | duplicate | someone else's, untouched | `XACK` (skipped: the job is done elsewhere) |
 //! | blocked (capacity gate) | released by the classifier | left pending, retried after `min_idle` |
+//! | blocked, release failed (`ReleaseFailed`) | still stands; released in the background | left pending: the retry dispatches once it is gone |
 //! | store unavailable (fail closed) | none taken | left pending, retried: nothing is lost |
 //! | inner error, classifier releases | released | left pending, retried |
 //! | inner error, classifier keeps | kept | `XACK`: a retry would only meet our own claim |
@@ -142,6 +143,8 @@ pub fn disposition<E>(result: &Result<Dispatch, IdempotencyError<E>>, inner_erro
         Err(IdempotencyError::StoreUnavailable { .. }) => Disposition::Retry,
         Err(IdempotencyError::InvalidKey { .. }) => Disposition::Ack,
         Err(IdempotencyError::ClaimLost { .. }) => Disposition::Ack,
+        // Blocked, and the claim could not be released yet: acking would lose the job.
+        Err(IdempotencyError::ReleaseFailed { .. }) => Disposition::Retry,
         Err(IdempotencyError::Inner(_)) => match inner_error {
             Settle::Release => Disposition::Retry,
             Settle::Keep => Disposition::Ack,

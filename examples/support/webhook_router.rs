@@ -1,46 +1,66 @@
-//! The reference GitHub webhook router: receives deliveries, claims (repository, PR, head SHA)
-//! in Redis through `HttpIdempotencyLayer`, and dispatches each review once by `XADD` to a stream.
+//! The reference webhook routers, GitHub and GitLab: receive deliveries, claim (repository, PR,
+//! head SHA) in Redis through `HttpIdempotencyLayer`, and dispatch each review once by `XADD` to
+//! a stream.
 //!
-//! Shared by `examples/github_webhook.rs` (the binary), `examples/incident_replay.rs` (which runs
-//! it in a child process) and the tests (included with `#[path]`), so all of them run the same
-//! code. Self-contained: it needs the crate with the `http` and `redis` features, `axum`,
-//! `tokio`, `redis`, `serde` and `tracing-subscriber`.
+//! Shared by `examples/github_webhook.rs` and `examples/gitlab_webhook.rs` (the binaries),
+//! `examples/incident_replay.rs` (which runs the GitHub router in a child process) and the tests
+//! (included with `#[path]`), so all of them run the same code. Self-contained: it needs the
+//! crate with the `http` and `redis` features, `axum`, `tokio`, `redis`, `serde` and
+//! `tracing-subscriber`.
 //!
 //! # Contract
 //!
 //! ```text
 //! github_webhook [--listen ADDR] [--redis URL] [--namespace NS] [--ttl-secs N] [--stream NAME] [--capacity N]
 //!                [--redis-cluster URL,URL,…]
+//! gitlab_webhook (the same flags) [--detached-pipelines]
 //! ```
 //!
 //! | flag | default |
 //! |---|---|
 //! | `--listen` | `127.0.0.1:3000` |
 //! | `--redis` | `REDIS_URL` from the environment (read once at start), else `redis://127.0.0.1:6379` |
-//! | `--namespace` | `github-dispatch:` |
+//! | `--namespace` | `github-dispatch:` / `gitlab-dispatch:` |
 //! | `--ttl-secs` | `300` |
 //! | `--stream` | `reviews` |
 //! | `--capacity` | unlimited |
 //! | `--redis-cluster URL,URL,…` | unset; when set, claims and the stream live in that Redis Cluster (feature `redis-cluster`) |
+//! | `--detached-pipelines` (GitLab only) | off: merge-request pipelines pass through (see below) |
 //!
-//! The webhook secret comes from `GITHUB_WEBHOOK_SECRET`, read once at start; when it is unset
-//! (or empty), signatures are not checked and a warning says so.
+//! The webhook secret comes from `GITHUB_WEBHOOK_SECRET` (GitHub) or `GITLAB_WEBHOOK_TOKEN`
+//! (GitLab), read once at start. Unset: signatures are not checked, and a warning says so. Set but
+//! **empty**: the router refuses to start (exit code 2, the message names the variable), since an
+//! empty secret would let anyone sign deliveries.
 //!
-//! Dispatching events: `check_suite` completed with conclusion `success`, `workflow_run`
-//! completed with conclusion `success`, `pull_request` `review_requested`. Every other event is
-//! ignored and takes no claim.
+//! Dispatching events:
+//! - GitHub: `check_suite` completed with conclusion `success`, `workflow_run` completed with
+//!   conclusion `success` (automated triggers: one review per (repository, PR, head SHA)), and
+//!   `pull_request` `review_requested` — a **human override**: a person's review request takes
+//!   the key over even while the automated claim holds it and dispatches a fresh review of the
+//!   same commit, once per delivery (`X-GitHub-Delivery`, scoped by `X-GitHub-Hook-ID`); after
+//!   it, automated triggers for that commit are still duplicates. An override never uses up the
+//!   automated dispatch: if it comes first, the automated trigger still dispatches once.
+//! - GitLab: `Merge Request Hook` `open`, and `update` that pushed commits
+//!   (`object_attributes.oldrev` present); `Pipeline Hook` of a merge-request pipeline with
+//!   status `success` — with `--detached-pipelines` only. Without it, merge-request pipelines
+//!   pass through: GitLab's pipeline hook does not say whether its SHA is the merge request's
+//!   head or a merged-results / merge-train commit (see `GitLabDispatchKey`). Set it only for
+//!   projects that run neither merged results pipelines nor merge trains.
+//!
+//! Every other event is ignored and takes no claim.
 //!
 //! | request | answer |
 //! |---|---|
-//! | `POST /webhooks/github`, dispatching event, claim won | `XADD <stream> * project P pr N sha S event E delivery D`; `202` `{"status":"dispatched","key":"…"}` |
-//! | … and `XLEN <stream>` ≥ capacity | `429` `{"status":"blocked"}`; the claim is released |
+//! | `POST /webhooks/github` (`/webhooks/gitlab`), dispatching event, claim won | `XADD <stream> * project P pr N sha S event E delivery D`; `202` `{"status":"dispatched","key":"…"}` |
+//! | … and the stream already holds `--capacity` entries | `429` `{"status":"blocked"}`; the claim is released. The length check and the `XADD` are one Lua script, so concurrent deliveries cannot overshoot the capacity |
 //! | … and the stream cannot be written | `503` `{"status":"unavailable"}`; the claim is released unless the command may have landed |
 //! | an event that dispatches nothing | `200` `{"status":"ignored"}` |
 //! | a duplicate | `200` `{"status":"duplicate","key":"…"}`, header `idempotency-status: duplicate` |
 //! | the claim store is unavailable (fail closed) | `503` `{"status":"unavailable"}`, `Retry-After` |
-//! | malformed body, missing field, bad key, missing `X-GitHub-Event` | `400` `{"error":"…"}` |
-//! | body over 25 MB | `413` |
-//! | missing or wrong `X-Hub-Signature-256` (secret set) | `401` |
+//! | malformed body, missing field, bad key, missing `X-GitHub-Event` / `X-Gitlab-Event` | `400` `{"error":"…"}` |
+//! | a body that is not JSON by its `Content-Type` (GitHub's form-encoded deliveries) | `415` `{"error":"… set the webhook's content type to `application/json`"}` |
+//! | body over 25 MB (a declared `Content-Length` is refused before reading) | `413` |
+//! | missing, malformed or wrong `X-Hub-Signature-256` / `X-Gitlab-Token` (secret set) | `403`, before the body is read when the header alone shows it |
 //! | `GET /healthz` | `200` `{"status":"ok"}` |
 //!
 //! Logs go through `tracing-subscriber` with an env filter (`RUST_LOG`, default `info`).
@@ -62,7 +82,8 @@ use redis::aio::ConnectionManager;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tower_idempotency::http::{
-    Blocked, DispatchRules, DispatchTarget, GitHubDispatchKey, GitHubSignature, HttpIdempotencyLayer, JsonResponses,
+    Blocked, DispatchRules, DispatchTarget, GitHubDispatchKey, GitHubSignature, GitLabDispatchKey, GitLabToken,
+    HttpIdempotencyLayer, JsonResponses,
 };
 use tower_idempotency::store::IdempotencyStore;
 use tower_idempotency::{IdempotencyKey, MemoryStore, RedisStore, StoreError};
@@ -83,6 +104,63 @@ pub const REDIS_URL_ENV: &str = "REDIS_URL";
 pub const SECRET_ENV: &str = "GITHUB_WEBHOOK_SECRET";
 /// Where deliveries are posted.
 pub const WEBHOOK_PATH: &str = "/webhooks/github";
+/// `--namespace` default of the GitLab router.
+pub const GITLAB_DEFAULT_NAMESPACE: &str = "gitlab-dispatch:";
+/// The environment variable holding the GitLab webhook's secret token.
+pub const GITLAB_SECRET_ENV: &str = "GITLAB_WEBHOOK_TOKEN";
+/// Where GitLab deliveries are posted.
+pub const GITLAB_WEBHOOK_PATH: &str = "/webhooks/gitlab";
+
+/// Which forge the router receives deliveries from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    /// GitHub: `X-GitHub-Event`, `X-Hub-Signature-256`.
+    GitHub,
+    /// GitLab: `X-Gitlab-Event`, `X-Gitlab-Token`.
+    GitLab,
+}
+
+impl Provider {
+    /// The program's name.
+    pub fn program(self) -> &'static str {
+        match self {
+            Provider::GitHub => "github_webhook",
+            Provider::GitLab => "gitlab_webhook",
+        }
+    }
+
+    /// The environment variable holding the secret.
+    pub fn secret_env(self) -> &'static str {
+        match self {
+            Provider::GitHub => SECRET_ENV,
+            Provider::GitLab => GITLAB_SECRET_ENV,
+        }
+    }
+
+    /// Where deliveries are posted.
+    pub fn webhook_path(self) -> &'static str {
+        match self {
+            Provider::GitHub => WEBHOOK_PATH,
+            Provider::GitLab => GITLAB_WEBHOOK_PATH,
+        }
+    }
+
+    /// The `--namespace` default.
+    pub fn default_namespace(self) -> &'static str {
+        match self {
+            Provider::GitHub => DEFAULT_NAMESPACE,
+            Provider::GitLab => GITLAB_DEFAULT_NAMESPACE,
+        }
+    }
+
+    /// The usage text.
+    pub fn usage(self) -> String {
+        match self {
+            Provider::GitHub => USAGE.to_owned(),
+            Provider::GitLab => GITLAB_USAGE.to_owned(),
+        }
+    }
+}
 /// The health check.
 pub const HEALTH_PATH: &str = "/healthz";
 
@@ -95,16 +173,38 @@ usage: github_webhook [--listen ADDR] [--redis URL] [--namespace NS] [--ttl-secs
   --namespace NS    prefix of claim keys (default github-dispatch:)
   --ttl-secs N      claim lifetime in seconds (default 300)
   --stream NAME     stream reviews are dispatched to (default reviews)
-  --capacity N      answer 429 and release the claim when XLEN of the stream is >= N (default unlimited)
+  --capacity N      answer 429 and release the claim when the stream holds N entries (default unlimited)
   --redis-cluster URL,URL,...
                     claims and the stream in a Redis Cluster (seed nodes) instead of --redis;
                     needs the redis-cluster feature
 
-environment: GITHUB_WEBHOOK_SECRET (signatures are not checked when unset), REDIS_URL, RUST_LOG";
+environment: GITHUB_WEBHOOK_SECRET (signatures are not checked when unset; empty: refused), REDIS_URL, RUST_LOG";
+
+/// The GitLab router's usage text.
+pub const GITLAB_USAGE: &str = "\
+usage: gitlab_webhook [--listen ADDR] [--redis URL] [--namespace NS] [--ttl-secs N] [--stream NAME] [--capacity N]
+                      [--detached-pipelines]
+
+  --listen ADDR     address to listen on (default 127.0.0.1:3000)
+  --redis URL       Redis for claims and the stream (default: $REDIS_URL, else redis://127.0.0.1:6379)
+  --namespace NS    prefix of claim keys (default gitlab-dispatch:)
+  --ttl-secs N      claim lifetime in seconds (default 300)
+  --stream NAME     stream reviews are dispatched to (default reviews)
+  --capacity N      answer 429 and release the claim when the stream holds N entries (default unlimited)
+  --redis-cluster URL,URL,...
+                    claims and the stream in a Redis Cluster (seed nodes) instead of --redis;
+                    needs the redis-cluster feature
+  --detached-pipelines
+                    dispatch merge-request pipelines that succeeded, keyed on their SHA; only for
+                    projects that run neither merged results pipelines nor merge trains
+
+environment: GITLAB_WEBHOOK_TOKEN (tokens are not checked when unset; empty: refused), REDIS_URL, RUST_LOG";
 
 /// Everything the router needs, decided once at start.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RouterConfig {
+    /// GitHub or GitLab.
+    pub provider: Provider,
     /// Address to listen on.
     pub listen: SocketAddr,
     /// Redis for claims and for the review stream.
@@ -122,11 +222,15 @@ pub struct RouterConfig {
     /// Seed nodes of a Redis Cluster; when set, claims and the stream live there, not at
     /// `redis_url`.
     pub redis_cluster: Option<Vec<String>>,
+    /// GitLab only: key merge-request pipelines on their SHA (the project runs neither merged
+    /// results pipelines nor merge trains).
+    pub detached_pipelines: bool,
 }
 
 impl fmt::Debug for RouterConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RouterConfig")
+            .field("provider", &self.provider)
             .field("listen", &self.listen)
             .field("redis_url", &self.redis_url)
             .field("namespace", &self.namespace)
@@ -135,6 +239,7 @@ impl fmt::Debug for RouterConfig {
             .field("capacity", &self.capacity)
             .field("secret", &self.secret.as_ref().map(|_| "[redacted]"))
             .field("redis_cluster", &self.redis_cluster)
+            .field("detached_pipelines", &self.detached_pipelines)
             .finish()
     }
 }
@@ -161,6 +266,11 @@ pub enum ConfigError {
     /// An argument that is not a known flag.
     #[error("unknown argument `{0}`")]
     UnknownArgument(String),
+    /// The secret's environment variable is set but empty.
+    #[error(
+        "{0} is set but empty: an empty secret would let anyone sign deliveries; set it to the webhook's secret, or unset it to run without signature checks"
+    )]
+    EmptySecret(&'static str),
 }
 
 /// Why the router could not start or stopped.
@@ -187,24 +297,48 @@ pub enum RouterError {
 }
 
 impl RouterConfig {
-    /// The defaults, with Redis at `redis_url` and no secret.
+    /// The GitHub router's defaults, with Redis at `redis_url` and no secret.
     pub fn new(redis_url: impl Into<String>) -> Self {
+        Self::for_provider(Provider::GitHub, redis_url)
+    }
+
+    /// The GitLab router's defaults, with Redis at `redis_url` and no token.
+    pub fn gitlab(redis_url: impl Into<String>) -> Self {
+        Self::for_provider(Provider::GitLab, redis_url)
+    }
+
+    /// `provider`'s defaults, with Redis at `redis_url` and no secret.
+    pub fn for_provider(provider: Provider, redis_url: impl Into<String>) -> Self {
         RouterConfig {
+            provider,
             listen: SocketAddr::from(([127, 0, 0, 1], 3000)),
             redis_url: redis_url.into(),
-            namespace: DEFAULT_NAMESPACE.to_owned(),
+            namespace: provider.default_namespace().to_owned(),
             ttl: Duration::from_secs(DEFAULT_TTL_SECS),
             stream: DEFAULT_STREAM.to_owned(),
             capacity: None,
             secret: None,
             redis_cluster: None,
+            detached_pipelines: false,
         }
     }
 
-    /// The configuration for `args` (without the program name). `redis_url_env` and
-    /// `secret_env` are the values of `REDIS_URL` and `GITHUB_WEBHOOK_SECRET`, read once by
-    /// the caller; empty values count as unset.
+    /// The GitHub router's configuration for `args` (without the program name). See
+    /// [`parse_for`](Self::parse_for).
     pub fn parse(
+        args: impl IntoIterator<Item = String>,
+        redis_url_env: Option<String>,
+        secret_env: Option<String>,
+    ) -> Result<Self, ConfigError> {
+        Self::parse_for(Provider::GitHub, args, redis_url_env, secret_env)
+    }
+
+    /// `provider`'s configuration for `args` (without the program name). `redis_url_env` and
+    /// `secret_env` are the values of `REDIS_URL` and of the secret's variable
+    /// (`GITHUB_WEBHOOK_SECRET`, `GITLAB_WEBHOOK_TOKEN`), read once by the caller. An empty
+    /// `REDIS_URL` counts as unset; an empty secret is refused ([`ConfigError::EmptySecret`]).
+    pub fn parse_for(
+        provider: Provider,
         args: impl IntoIterator<Item = String>,
         redis_url_env: Option<String>,
         secret_env: Option<String>,
@@ -212,12 +346,19 @@ impl RouterConfig {
         let redis_url = redis_url_env
             .filter(|url| !url.is_empty())
             .unwrap_or_else(|| DEFAULT_REDIS_URL.to_owned());
-        let mut cfg = RouterConfig::new(redis_url);
-        cfg.secret = secret_env.filter(|s| !s.is_empty()).map(String::into_bytes);
+        let mut cfg = RouterConfig::for_provider(provider, redis_url);
+        cfg.secret = match secret_env {
+            Some(secret) if secret.is_empty() => return Err(ConfigError::EmptySecret(provider.secret_env())),
+            other => other.map(String::into_bytes),
+        };
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
             if arg == "-h" || arg == "--help" {
                 return Err(ConfigError::Help);
+            }
+            if arg == "--detached-pipelines" && provider == Provider::GitLab {
+                cfg.detached_pipelines = true;
+                continue;
             }
             let (flag, inline) = match arg.split_once('=') {
                 Some((flag, value)) if flag.starts_with("--") => (flag.to_owned(), Some(value.to_owned())),
@@ -271,12 +412,12 @@ impl RouterConfig {
         Ok(cfg)
     }
 
-    /// The configuration of this process: its arguments, `REDIS_URL` and
-    /// `GITHUB_WEBHOOK_SECRET`, each read once, now.
-    pub fn from_process() -> Result<Self, ConfigError> {
+    /// The configuration of this process: its arguments, `REDIS_URL` and the secret's variable,
+    /// each read once, now.
+    pub fn from_process(provider: Provider) -> Result<Self, ConfigError> {
         let redis_url = std::env::var(REDIS_URL_ENV).ok();
-        let secret = std::env::var(SECRET_ENV).ok();
-        Self::parse(std::env::args().skip(1), redis_url, secret)
+        let secret = std::env::var(provider.secret_env()).ok();
+        Self::parse_for(provider, std::env::args().skip(1), redis_url, secret)
     }
 }
 
@@ -303,13 +444,35 @@ fn non_empty(flag: &str, value: String) -> Result<String, ConfigError> {
     }
 }
 
-/// The events that dispatch a review; every other event is ignored and takes no claim.
+/// The GitHub events that dispatch a review; every other event is ignored and takes no claim.
 pub fn dispatch_rules() -> DispatchRules {
     DispatchRules::new()
         .allow("check_suite", Some("completed"), Some("success"))
         .allow("workflow_run", Some("completed"), Some("success"))
-        .allow("pull_request", Some("review_requested"), None)
+        .allow_override("pull_request", Some("review_requested"), None)
 }
+
+/// The GitLab events that dispatch a review: a merge request opened, or updated with new
+/// commits; a merge-request pipeline that succeeded (keyed only with `--detached-pipelines`).
+pub fn gitlab_dispatch_rules() -> DispatchRules {
+    DispatchRules::new()
+        .allow("merge_request", Some("open"), None)
+        .allow("merge_request", Some("update"), Some("new_commits"))
+        .allow("pipeline", None, Some("success"))
+}
+
+/// Dispatches a review when the stream holds fewer than the capacity, in one step: a length
+/// check followed by a separate `XADD` lets concurrent deliveries all pass the check.
+///
+/// KEYS[1]: the review stream. ARGV[1]: the capacity (`-1`: unlimited). ARGV[2..]: the entry's
+/// field/value pairs. Returns the new entry's id, or `false` (nil) when the stream is full.
+const DISPATCH_SCRIPT: &str = r"
+local capacity = tonumber(ARGV[1])
+if capacity >= 0 and redis.call('XLEN', KEYS[1]) >= capacity then
+  return false
+end
+return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+";
 
 /// What the webhook handler needs.
 #[derive(Clone)]
@@ -317,6 +480,7 @@ struct Dispatcher {
     conn: StreamConn,
     stream: Arc<str>,
     capacity: Option<u64>,
+    script: Arc<redis::Script>,
 }
 
 /// The JSON the router answers with; fields in this order.
@@ -414,27 +578,47 @@ pub async fn build(cfg: &RouterConfig) -> Result<Router, RouterError> {
 }
 
 /// The router for `cfg` with claims in `store` and the review stream on `conn`.
+///
+/// `cfg.secret` is normally non-empty ([`RouterConfig::parse_for`] refuses an empty one); an
+/// empty secret set directly makes the verifier refuse every delivery (fail closed).
 pub fn build_with_store<St: IdempotencyStore>(cfg: &RouterConfig, store: St, conn: impl Into<StreamConn>) -> Router {
+    let path = cfg.provider.webhook_path();
     if cfg.secret.is_none() {
         tracing::warn!(
-            "{SECRET_ENV} is not set: webhook signatures are NOT checked, and anyone who can reach {WEBHOOK_PATH} can claim keys"
+            variable = cfg.provider.secret_env(),
+            path,
+            "webhook secret is not set: deliveries are NOT authenticated, and anyone who can reach the webhook path can claim keys"
         );
     }
-    let layer = HttpIdempotencyLayer::new(store, GitHubDispatchKey::new().with_filter(dispatch_rules()))
-        .with_verifier(cfg.secret.as_ref().map(GitHubSignature::new))
-        .with_responses(JsonResponses::webhook())
-        .with_namespace(cfg.namespace.as_str())
-        .with_ttl(cfg.ttl);
     let dispatcher = Dispatcher {
         conn: conn.into(),
         stream: Arc::from(cfg.stream.as_str()),
         capacity: cfg.capacity,
+        script: Arc::new(redis::Script::new(DISPATCH_SCRIPT)),
     };
-    Router::new()
-        .route(WEBHOOK_PATH, post(github_webhook))
-        .route_layer(layer)
-        .route(HEALTH_PATH, get(health))
-        .with_state(dispatcher)
+    let route = post(dispatch);
+    let router = match cfg.provider {
+        Provider::GitHub => Router::new().route(path, route).route_layer(
+            HttpIdempotencyLayer::new(store, GitHubDispatchKey::new().with_filter(dispatch_rules()))
+                .with_verifier(cfg.secret.as_ref().map(GitHubSignature::new))
+                .with_responses(JsonResponses::webhook())
+                .with_namespace(cfg.namespace.as_str())
+                .with_ttl(cfg.ttl),
+        ),
+        Provider::GitLab => Router::new().route(path, route).route_layer(
+            HttpIdempotencyLayer::new(
+                store,
+                GitLabDispatchKey::new()
+                    .with_filter(gitlab_dispatch_rules())
+                    .with_detached_pipelines(cfg.detached_pipelines),
+            )
+            .with_verifier(cfg.secret.as_ref().map(GitLabToken::new))
+            .with_responses(JsonResponses::webhook())
+            .with_namespace(cfg.namespace.as_str())
+            .with_ttl(cfg.ttl),
+        ),
+    };
+    router.route(HEALTH_PATH, get(health)).with_state(dispatcher)
 }
 
 /// The router `examples/incident_replay.rs` runs: defaults except `namespace` and `stream`, no
@@ -465,7 +649,7 @@ async fn health() -> Response {
     reply(StatusCode::OK, "ok", None)
 }
 
-async fn github_webhook(
+async fn dispatch(
     State(dispatcher): State<Dispatcher>,
     key: Option<Extension<IdempotencyKey>>,
     target: Option<Extension<DispatchTarget>>,
@@ -475,20 +659,13 @@ async fn github_webhook(
         return reply(StatusCode::OK, "ignored", None);
     };
     let mut conn = dispatcher.conn.clone();
-    if let Some(capacity) = dispatcher.capacity {
-        let len: Result<u64, _> = redis::cmd("XLEN").arg(&*dispatcher.stream).query_async(&mut conn).await;
-        match len {
-            Ok(len) if len >= capacity => {
-                tracing::info!(key = %key, outcome = "blocked", len, capacity, "stream at capacity; claim released");
-                return reply(StatusCode::TOO_MANY_REQUESTS, "blocked", None);
-            }
-            Ok(_) => {}
-            Err(e) => return stream_unavailable(&key, "XLEN", &e),
-        }
-    }
-    let added: Result<String, _> = redis::cmd("XADD")
-        .arg(&*dispatcher.stream)
-        .arg("*")
+    // The capacity check and the XADD run as one script: checked separately, concurrent
+    // deliveries would all see room and all be added.
+    let capacity = dispatcher.capacity.map_or(-1, |c| i64::try_from(c).unwrap_or(i64::MAX));
+    let added: Result<Option<String>, _> = dispatcher
+        .script
+        .key(&*dispatcher.stream)
+        .arg(capacity)
         .arg("project")
         .arg(&target.project)
         .arg("pr")
@@ -499,14 +676,18 @@ async fn github_webhook(
         .arg(&target.event)
         .arg("delivery")
         .arg(target.delivery.as_deref().unwrap_or_default())
-        .query_async(&mut conn)
+        .invoke_async(&mut conn)
         .await;
     match added {
-        Ok(id) => {
+        Ok(Some(id)) => {
             tracing::info!(key = %key, outcome = "dispatched", stream = %dispatcher.stream, id, "review dispatched");
             reply(StatusCode::ACCEPTED, "dispatched", Some(key.as_str()))
         }
-        Err(e) => stream_unavailable(&key, "XADD", &e),
+        Ok(None) => {
+            tracing::info!(key = %key, outcome = "blocked", capacity, stream = %dispatcher.stream, "stream at capacity; claim released");
+            reply(StatusCode::TOO_MANY_REQUESTS, "blocked", None)
+        }
+        Err(e) => stream_unavailable(&key, "dispatch script (XLEN + XADD)", &e),
     }
 }
 
@@ -535,7 +716,7 @@ pub async fn serve(cfg: RouterConfig) -> Result<(), RouterError> {
     let listener = TcpListener::bind(cfg.listen).await.map_err(serve_error)?;
     let addr = listener.local_addr().map_err(serve_error)?;
     let router = build(&cfg).await?;
-    tracing::info!(%addr, redis = %cfg.redis_url, namespace = %cfg.namespace, stream = %cfg.stream, capacity = ?cfg.capacity, ttl_secs = cfg.ttl.as_secs(), "github_webhook listening");
+    tracing::info!(%addr, program = cfg.provider.program(), redis = %cfg.redis_url, namespace = %cfg.namespace, stream = %cfg.stream, capacity = ?cfg.capacity, ttl_secs = cfg.ttl.as_secs(), "webhook router listening");
     println!("listening on http://{addr}");
     serve_on(listener, router, shutdown_signal()).await.map_err(serve_error)
 }
@@ -582,15 +763,28 @@ pub fn init_tracing() {
 }
 
 /// The whole program: configuration from this process, logging, serve.
-pub async fn run() -> ExitCode {
-    let cfg = match RouterConfig::from_process() {
+pub async fn run(provider: Provider) -> ExitCode {
+    let redis_url = std::env::var(REDIS_URL_ENV).ok();
+    let secret = std::env::var(provider.secret_env()).ok();
+    run_with(provider, std::env::args().skip(1), redis_url, secret).await
+}
+
+/// The program for these arguments and environment values: `2` (with the message on stderr) for
+/// a configuration it refuses, `1` when it cannot serve, `0` after a clean shutdown.
+pub async fn run_with(
+    provider: Provider,
+    args: impl IntoIterator<Item = String>,
+    redis_url_env: Option<String>,
+    secret_env: Option<String>,
+) -> ExitCode {
+    let cfg = match RouterConfig::parse_for(provider, args, redis_url_env, secret_env) {
         Ok(cfg) => cfg,
         Err(ConfigError::Help) => {
-            println!("{USAGE}");
+            println!("{}", provider.usage());
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            eprintln!("error: {e}\n\n{USAGE}");
+            eprintln!("error: {e}\n\n{}", provider.usage());
             return ExitCode::from(2);
         }
     };
@@ -604,7 +798,7 @@ pub async fn run() -> ExitCode {
                 message.push_str(&format!(": {s}"));
                 source = s.source();
             }
-            tracing::error!(error = %message, "github_webhook stopped");
+            tracing::error!(error = %message, program = provider.program(), "webhook router stopped");
             eprintln!("error: {message}");
             ExitCode::FAILURE
         }

@@ -17,7 +17,7 @@ use arbitrary::{Arbitrary, Unstructured};
 use bytes::Bytes;
 use http::HeaderValue;
 use tower_idempotency::http::{
-    DispatchRules, DispatchTarget, ExtractError, GitHubDispatchKey, GitLabDispatchKey, HttpKeyExtractor, JsonResponses,
+    AllEvents, DispatchRules, DispatchTarget, ExtractError, GitHubDispatchKey, GitLabDispatchKey, HttpKeyExtractor, JsonResponses,
     ShortCircuitResponse,
 };
 use tower_idempotency::{IdempotencyKey, KeyError, MAX_KEY_LEN};
@@ -167,7 +167,7 @@ fn check_pull_request(project: &str, pull_request: u64, head_sha: &str) -> Outco
     let made = IdempotencyKey::for_pull_request(project, pull_request, head_sha);
     let project_ok = !project.is_empty() && !project.chars().any(|c| c.is_whitespace() || is_unprintable(c));
     let sha_ok = (7..=64).contains(&head_sha.len()) && head_sha.bytes().all(|b| b.is_ascii_hexdigit());
-    let rendered = format!("{project}:{pull_request}:{}", head_sha.to_ascii_lowercase());
+    let rendered = format!("{}:{pull_request}:{}", project.to_ascii_lowercase(), head_sha.to_ascii_lowercase());
     let fits = rendered.len() <= MAX_KEY_LEN;
     match made {
         Ok(key) => {
@@ -178,7 +178,7 @@ fn check_pull_request(project: &str, pull_request: u64, head_sha: &str) -> Outco
             let mut fields = key.as_str().rsplitn(3, ':');
             assert_eq!(fields.next(), Some(head_sha.to_ascii_lowercase().as_str()));
             assert_eq!(fields.next(), Some(pull_request.to_string().as_str()));
-            assert_eq!(fields.next(), Some(project));
+            assert_eq!(fields.next(), Some(project.to_ascii_lowercase().as_str()));
             Outcome::Key(rendered)
         }
         Err(error) => {
@@ -307,7 +307,7 @@ const DELIVERY: &[u8] = b"72d3162e-cc78-11e3-81ab-4c9367dc0958";
 pub fn github_webhook(data: &[u8]) -> Tally {
     let mut tally = Tally::default();
     let body = Bytes::copy_from_slice(data);
-    let all = GitHubDispatchKey::new();
+    let all = GitHubDispatchKey::new().with_filter(AllEvents);
     let rules = GitHubDispatchKey::new().with_filter(
         DispatchRules::new()
             .allow("check_suite", Some("completed"), Some("success"))
@@ -345,7 +345,7 @@ pub fn github_webhook(data: &[u8]) -> Tally {
 pub fn gitlab_webhook(data: &[u8]) -> Tally {
     let mut tally = Tally::default();
     let body = Bytes::copy_from_slice(data);
-    let all = GitLabDispatchKey::new();
+    let all = GitLabDispatchKey::new().with_filter(AllEvents);
     let rules = GitLabDispatchKey::new().with_filter(
         DispatchRules::new()
             .allow("merge_request", Some("open"), None)

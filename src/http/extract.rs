@@ -8,8 +8,9 @@
 use std::error::Error;
 
 use bytes::Bytes;
-use http::HeaderName;
 use http::request::Parts;
+use http::{HeaderName, Method};
+use sha2::{Digest, Sha256};
 
 use crate::extract::BoxError;
 use crate::{IdempotencyKey, KeyError};
@@ -101,6 +102,16 @@ pub enum ExtractError {
         #[source]
         source: BoxError,
     },
+    /// The body was sent with a content type the extractor does not read (e.g. GitHub's
+    /// `application/x-www-form-urlencoded`, where the JSON is in a `payload` form field). Answered
+    /// `415 Unsupported Media Type`.
+    #[error(
+        "unsupported content type `{content_type}`: the payload must be JSON; set the webhook's content type to `application/json`"
+    )]
+    UnsupportedContentType {
+        /// The `Content-Type` sent (escaped to printable ASCII, and cut when long).
+        content_type: String,
+    },
     /// The body is not UTF-8, so it is not JSON.
     #[error("request body is not valid UTF-8 (invalid byte at offset {offset})")]
     NotUtf8 {
@@ -141,39 +152,61 @@ pub enum ExtractError {
 
 /// Reads the key from one request header, e.g. `Idempotency-Key` or `X-GitHub-Delivery`.
 ///
-/// The value must be visible ASCII and a valid [`IdempotencyKey`]; otherwise the request is
+/// The value must be visible ASCII and make a valid [`IdempotencyKey`]; otherwise the request is
 /// answered `400`. A request without the header passes through unclaimed, unless the header is
 /// [required](Self::with_required) (then: `400`). The body is not read.
 ///
+/// **Safe methods never claim.** `GET`, `HEAD` and `OPTIONS` do not change anything, so
+/// retrying them is harmless and a claim would only turn a retry into a `409`: they pass through
+/// unclaimed, header or not.
+///
+/// **Keys are scoped.** The same client-chosen value sent to two routes, or with two methods, is
+/// two different requests. So the key claimed is `METHOD PATH [NAME=VALUE …] VALUE`: the method,
+/// the request's path (without the query), the [scope headers](Self::with_scope_header), an
+/// optional [principal](Self::with_principal_header), then the header's value. Only the last part
+/// may contain spaces, so two different requests never share a key. E.g. `POST /payments pay-7`.
+///
 /// What it trusts: the client. Any client can pick any key, so a header key suits APIs where the
-/// client owns the idempotency of its own requests (payments), or a sender whose identity was
-/// checked first (a webhook with a [signature check](super::VerifyRequest)).
+/// client owns the idempotency of its own requests (payments; scope them by
+/// [principal](Self::with_principal_header) so clients cannot collide), or a sender whose
+/// identity was checked first (a webhook with a [signature check](super::VerifyRequest)).
 ///
 /// ```
 /// use bytes::Bytes;
 /// use tower_idempotency::http::{HeaderKey, HttpKeyExtractor};
 ///
 /// let extractor = HeaderKey::github_delivery();
-/// let (mut parts, ()) = http::Request::post("/")
+/// let (mut parts, ()) = http::Request::post("/webhooks/github")
+///     .header("x-github-hook-id", "292430182")
 ///     .header("x-github-delivery", "72d3162e-cc78-11e3-81ab-4c9367dc0958")
 ///     .body(()).unwrap().into_parts();
 /// let key = extractor.extract(&mut parts, &Bytes::new()).unwrap().unwrap();
-/// assert_eq!(key.as_str(), "72d3162e-cc78-11e3-81ab-4c9367dc0958");
+/// assert_eq!(key.as_str(), "POST /webhooks/github x-github-hook-id=292430182 72d3162e-cc78-11e3-81ab-4c9367dc0958");
 ///
 /// let (mut none, ()) = http::Request::post("/").body(()).unwrap().into_parts();
 /// assert!(extractor.extract(&mut none, &Bytes::new()).unwrap().is_none());
-/// assert!(extractor.with_required(true).extract(&mut none, &Bytes::new()).is_err());
+/// assert!(extractor.clone().with_required(true).extract(&mut none, &Bytes::new()).is_err());
+///
+/// let (mut get, ()) = http::Request::get("/payments").header("idempotency-key", "k").body(()).unwrap().into_parts();
+/// assert!(HeaderKey::idempotency_key().extract(&mut get, &Bytes::new()).unwrap().is_none());
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeaderKey {
     name: HeaderName,
     required: bool,
+    scope: Vec<HeaderName>,
+    principal: Option<HeaderName>,
 }
 
 impl HeaderKey {
     /// The key from header `name`; a request without it passes through.
     pub fn new(name: HeaderName) -> Self {
-        Self { name, required: false }
+        Self {
+            name,
+            required: false,
+            scope: Vec::new(),
+            principal: None,
+        }
     }
 
     /// The `Idempotency-Key` header (IETF draft `draft-ietf-httpapi-idempotency-key-header`).
@@ -181,16 +214,84 @@ impl HeaderKey {
         Self::new(HeaderName::from_static("idempotency-key"))
     }
 
-    /// GitHub's `X-GitHub-Delivery`: one GUID per delivery, repeated on redelivery. Note that
-    /// distinct deliveries about the same commit have distinct GUIDs; to dispatch once per
+    /// GitHub's `X-GitHub-Delivery`, scoped by `X-GitHub-Hook-ID`: GitHub sends one delivery GUID
+    /// to *every* hook that receives an event, so without the hook's id two hooks pointed at the
+    /// same route would share keys. A delivery without `X-GitHub-Hook-ID` is answered `400`. Note
+    /// that distinct deliveries about the same commit have distinct GUIDs; to dispatch once per
     /// (repository, pull request, head SHA), use [`GitHubDispatchKey`](super::GitHubDispatchKey).
     pub fn github_delivery() -> Self {
         Self::new(HeaderName::from_static("x-github-delivery"))
+            .with_scope_header(HeaderName::from_static("x-github-hook-id"))
+    }
+
+    /// GitLab's `Idempotency-Key`, which GitLab sends with webhook deliveries and keeps across
+    /// retries of the same delivery, scoped by `X-Gitlab-Instance` (the sending GitLab). A
+    /// delivery without `X-Gitlab-Instance` is answered `400`.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use tower_idempotency::http::{HeaderKey, HttpKeyExtractor};
+    ///
+    /// let (mut parts, ()) = http::Request::post("/webhooks/gitlab")
+    ///     .header("x-gitlab-instance", "https://gitlab.example.com")
+    ///     .header("idempotency-key", "f5d4a1c2-0b7e-4f0e-9d53-2a3c4e5f6a7b")
+    ///     .body(()).unwrap().into_parts();
+    /// let key = HeaderKey::gitlab_idempotency_key().extract(&mut parts, &Bytes::new()).unwrap().unwrap();
+    /// assert_eq!(
+    ///     key.as_str(),
+    ///     "POST /webhooks/gitlab x-gitlab-instance=https://gitlab.example.com f5d4a1c2-0b7e-4f0e-9d53-2a3c4e5f6a7b"
+    /// );
+    /// ```
+    pub fn gitlab_idempotency_key() -> Self {
+        Self::idempotency_key().with_scope_header(HeaderName::from_static("x-gitlab-instance"))
     }
 
     /// Whether a request without the header is refused with `400` (default: it passes through).
+    #[must_use]
     pub fn with_required(mut self, required: bool) -> Self {
         self.required = required;
+        self
+    }
+
+    /// Adds header `name` to the key's scope, as `name=value`. A request that has the key header
+    /// but not this one, or whose value has spaces or is not visible ASCII, is answered `400`.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http::HeaderName;
+    /// use tower_idempotency::http::{HeaderKey, HttpKeyExtractor};
+    ///
+    /// let extractor = HeaderKey::idempotency_key().with_scope_header(HeaderName::from_static("x-tenant"));
+    /// let (mut parts, ()) = http::Request::post("/orders").header("x-tenant", "acme").header("idempotency-key", "o-1").body(()).unwrap().into_parts();
+    /// assert_eq!(extractor.extract(&mut parts, &Bytes::new()).unwrap().unwrap().as_str(), "POST /orders x-tenant=acme o-1");
+    /// ```
+    #[must_use]
+    pub fn with_scope_header(mut self, name: HeaderName) -> Self {
+        self.scope.push(name);
+        self
+    }
+
+    /// Scopes keys by principal: the value of header `name` (e.g. `Authorization`, or an API key
+    /// header), of which only the first 16 hex digits of its SHA-256 enter the key, so credentials
+    /// never reach the store or the logs. Two clients that pick the same key then do not collide.
+    /// A request that has the key header but not this one is answered `400`.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http::header::AUTHORIZATION;
+    /// use tower_idempotency::http::{HeaderKey, HttpKeyExtractor};
+    ///
+    /// let extractor = HeaderKey::idempotency_key().with_principal_header(AUTHORIZATION);
+    /// let key = |token: &str| {
+    ///     let (mut parts, ()) = http::Request::post("/payments").header("authorization", token).header("idempotency-key", "pay-7").body(()).unwrap().into_parts();
+    ///     extractor.extract(&mut parts, &Bytes::new()).unwrap().unwrap()
+    /// };
+    /// assert_ne!(key("Bearer alice"), key("Bearer bob"));
+    /// assert!(!key("Bearer alice").as_str().contains("alice"));
+    /// ```
+    #[must_use]
+    pub fn with_principal_header(mut self, name: HeaderName) -> Self {
+        self.principal = Some(name);
         self
     }
 
@@ -198,25 +299,62 @@ impl HeaderKey {
     pub fn header_name(&self) -> &HeaderName {
         &self.name
     }
+
+    /// `METHOD PATH [NAME=VALUE …] [principal=DIGEST] `: what precedes the value in the key.
+    fn scope(&self, parts: &Parts) -> Result<String, ExtractError> {
+        let mut scope = format!("{} {} ", parts.method, parts.uri.path());
+        for name in &self.scope {
+            let value = parts
+                .headers
+                .get(name)
+                .ok_or_else(|| ExtractError::MissingHeader { name: name.clone() })?;
+            let text = value
+                .to_str()
+                .ok()
+                .filter(|t| !t.is_empty() && !t.contains(' '))
+                .ok_or_else(|| ExtractError::InvalidHeader { name: name.clone() })?;
+            scope.push_str(&format!("{name}={text} "));
+        }
+        if let Some(name) = &self.principal {
+            let value = parts
+                .headers
+                .get(name)
+                .ok_or_else(|| ExtractError::MissingHeader { name: name.clone() })?;
+            let digest = Sha256::digest(value.as_bytes());
+            scope.push_str(&format!("principal={} ", hex::encode(&digest[..8])));
+        }
+        Ok(scope)
+    }
 }
 
 impl HttpKeyExtractor for HeaderKey {
     type Error = ExtractError;
 
     fn extract(&self, parts: &mut Parts, _body: &Bytes) -> Result<Option<IdempotencyKey>, ExtractError> {
+        if matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS) {
+            tracing::debug!(method = %parts.method, outcome = "pass_through", "safe method; passing through unclaimed");
+            return Ok(None);
+        }
         let Some(value) = parts.headers.get(&self.name) else {
             if self.required {
                 return Err(ExtractError::MissingHeader {
                     name: self.name.clone(),
                 });
             }
-            tracing::debug!(header = %self.name, "no key header; passing through unclaimed");
+            tracing::debug!(header = %self.name, outcome = "pass_through", "no key header; passing through unclaimed");
             return Ok(None);
         };
         let text = value.to_str().map_err(|_| ExtractError::InvalidHeader {
             name: self.name.clone(),
         })?;
-        IdempotencyKey::new(text)
+        // The value alone must be a valid key (not empty, no control characters), whatever the
+        // scope adds.
+        IdempotencyKey::new(text).map_err(|source| ExtractError::InvalidHeaderKey {
+            name: self.name.clone(),
+            source,
+        })?;
+        let scoped = format!("{}{text}", self.scope(parts)?);
+        IdempotencyKey::new(scoped)
             .map(Some)
             .map_err(|source| ExtractError::InvalidHeaderKey {
                 name: self.name.clone(),

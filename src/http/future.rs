@@ -1,5 +1,5 @@
-//! The HTTP response future: buffer the body, check, extract, then drive the core future and
-//! turn its short-circuits into responses.
+//! The HTTP response future: check the head, buffer the body, check, extract, then drive the
+//! core future and turn its short-circuits into responses.
 
 use std::fmt;
 use std::future::Future;
@@ -18,6 +18,7 @@ use tower::Service;
 
 use super::extract::ExtractError;
 use super::service::Front;
+use super::webhook::OverrideTrigger;
 use super::{HttpKeyExtractor, ShortCircuitResponse, VerifyRequest};
 use crate::extract::BoxError;
 use crate::future::{Chain, polled_after_completion};
@@ -26,9 +27,11 @@ use crate::{ClassifyOutcome, IdempotencyError, IdempotencyKey};
 
 /// Response future of [`HttpIdempotency`](super::HttpIdempotency).
 ///
-/// A state machine: `Buffering` (read the body up to the limit) → checks and extraction, done
-/// at once → `Claiming` (the core [`ResponseFuture`](crate::ResponseFuture): claim, call the
-/// handler, keep or release) → response. A short-circuit at any step ends in `Answered`. When
+/// A state machine: the head is checked first (signature header or token, then a declared
+/// `Content-Length` over the limit), before a byte of the body is read; then `Buffering` (read
+/// the body up to the limit) → checks and extraction, done at once → `Claiming` (the core
+/// [`ResponseFuture`](crate::ResponseFuture): claim, call the handler, keep or release) →
+/// response. A short-circuit at any step ends in `Answered`. When
 /// neither the extractor nor the verifier reads the body, `Buffering` is skipped.
 ///
 /// Dropping it before the claim settles is handled by the core future (see its docs).
@@ -116,14 +119,22 @@ where
                     pending.classifier,
                 ),
             }
+        } else if let Err(error) = front.verifier.verify_head(&parts) {
+            // Authentication comes first, from the head alone: not a byte of the body is read
+            // for a request that cannot be authentic.
+            State::Answered {
+                response: Some(unauthenticated(&front, &error)),
+            }
         } else if !front.needs_body() {
             match reject(&front, &mut parts, &Bytes::new()) {
-                Ok(key) => start(pending, Request::from_parts(parts, body), key, &protocol),
+                Ok(claim) => start(pending, Request::from_parts(parts, body), claim, &protocol),
                 Err(rejection) => State::Answered {
                     response: Some(rejection),
                 },
             }
-        } else if body.size_hint().lower() > front.body_limit as u64 {
+        } else if declared_length(&parts).is_some_and(|len| len > front.body_limit as u64)
+            || body.size_hint().lower() > front.body_limit as u64
+        {
             // Content-Length already says it is too large: do not read it.
             State::Answered {
                 response: Some(too_large(&front)),
@@ -144,7 +155,7 @@ where
 fn start<S, B, C>(
     pending: Pending<S, C>,
     req: Request<B>,
-    key: Option<IdempotencyKey>,
+    claim: Option<Claim>,
     protocol: &Arc<Protocol>,
 ) -> State<S, B, C>
 where
@@ -153,34 +164,62 @@ where
     B::Error: Into<BoxError>,
 {
     let Pending { inner, classifier } = pending;
-    let fut = match key {
-        Some(key) => crate::ResponseFuture::claim(inner, req, key, None, protocol, classifier),
+    let fut = match claim {
+        Some(Claim { key, takeover }) => {
+            crate::ResponseFuture::claim(inner, req, key, None, takeover.as_deref(), protocol, classifier)
+        }
         None => crate::ResponseFuture::pass_through(inner, req, classifier),
     };
     State::Claiming { fut }
 }
 
-/// Signature check, then key extraction. Returns the key to claim (`None`: pass through), or
-/// the rejection's response. The key is also put in the extensions, for the handler.
-#[allow(clippy::result_large_err)] // the rejection is the response itself, answered at once
-fn reject<X, V, R>(
+/// What the checks found to claim: the key, and an override's identity when the extractor
+/// marked the request as one.
+struct Claim {
+    key: IdempotencyKey,
+    takeover: Option<String>,
+}
+
+/// The `Content-Length` the client declared, if it is one valid number.
+fn declared_length(parts: &Parts) -> Option<u64> {
+    parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The answer to a request the verifier refused; nothing was claimed.
+fn unauthenticated<X, V, R: ShortCircuitResponse>(
     front: &Front<X, V, R>,
-    parts: &mut Parts,
-    body: &Bytes,
-) -> Result<Option<IdempotencyKey>, Response<Bytes>>
+    error: &(dyn std::error::Error + 'static),
+) -> Response<Bytes> {
+    tracing::warn!(outcome = "unauthorized", error = %Chain(error), "rejected: signature check failed; nothing claimed");
+    front.responses.unauthorized(error)
+}
+
+/// Signature check, then key extraction. Returns what to claim (`None`: pass through), or the
+/// rejection's response. The key is also put in the extensions, for the handler.
+#[allow(clippy::result_large_err)] // the rejection is the response itself, answered at once
+fn reject<X, V, R>(front: &Front<X, V, R>, parts: &mut Parts, body: &Bytes) -> Result<Option<Claim>, Response<Bytes>>
 where
     X: HttpKeyExtractor,
     V: VerifyRequest,
     R: ShortCircuitResponse,
 {
     if let Err(error) = front.verifier.verify(parts, body) {
-        tracing::warn!(outcome = "unauthorized", error = %Chain(&error), "rejected: signature check failed; nothing claimed");
-        return Err(front.responses.unauthorized(&error));
+        return Err(unauthenticated(front, &error));
     }
+    // Only the extractor may mark this request as an override (not an outer layer).
+    parts.extensions.remove::<OverrideTrigger>();
     match front.extractor.extract(parts, body) {
         Ok(Some(key)) => {
             parts.extensions.insert(key.clone());
-            Ok(Some(key))
+            let takeover = parts.extensions.get::<OverrideTrigger>().map(|o| o.identity.clone());
+            Ok(Some(Claim { key, takeover }))
         }
         Ok(None) => {
             // A key left by an outer layer must not look claimed to the handler.
@@ -188,6 +227,13 @@ where
             Ok(None)
         }
         Err(error) => {
+            let unsupported = (&error as &(dyn std::error::Error + 'static))
+                .downcast_ref::<ExtractError>()
+                .is_some_and(|e| matches!(e, ExtractError::UnsupportedContentType { .. }));
+            if unsupported {
+                tracing::info!(outcome = "unsupported_media_type", error = %Chain(&error), "rejected: body is not JSON; nothing claimed");
+                return Err(front.responses.unsupported_media_type(&error));
+            }
             tracing::info!(outcome = "invalid", error = %Chain(&error), "rejected: no valid idempotency key; nothing claimed");
             Err(front.responses.invalid(&error))
         }
@@ -233,9 +279,12 @@ where
                         Ok(collected) => {
                             let bytes = collected.to_bytes();
                             match reject(this.front, &mut parts, &bytes) {
-                                Ok(key) => {
-                                    start(pending, Request::from_parts(parts, B::from(bytes)), key, this.protocol)
-                                }
+                                Ok(claim) => start(
+                                    pending,
+                                    Request::from_parts(parts, B::from(bytes)),
+                                    claim,
+                                    this.protocol,
+                                ),
                                 Err(rejection) => State::Answered {
                                     response: Some(rejection),
                                 },

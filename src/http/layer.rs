@@ -9,7 +9,7 @@ use tower::Layer;
 use super::classify::HttpClassifier;
 use super::response::JsonResponses;
 use super::service::{Front, HttpIdempotency};
-use super::signature::{GitHubSignature, GitLabToken, NoVerification};
+use super::signature::{GitHubSignature, GitLabToken, NoVerification, SecretError};
 use super::webhook::{GitHubDispatchKey, GitLabDispatchKey};
 use crate::IdempotencyLayer;
 use crate::protocol::Protocol;
@@ -24,8 +24,8 @@ pub const DEFAULT_BODY_LIMIT: usize = 25 * 1024 * 1024;
 /// `HandleErrorLayer`. The wrapped service's error type is unchanged.
 ///
 /// Required: a store and an [`HttpKeyExtractor`](super::HttpKeyExtractor). Defaults: no
-/// signature check ([`NoVerification`]), [`HttpClassifier`] (release on `429` or
-/// [`Blocked`](super::Blocked)), [`JsonResponses`] (duplicate `409`), body limit
+/// signature check ([`NoVerification`]), [`HttpClassifier`] (release on any `4xx` but `409`,
+/// and on [`Blocked`](super::Blocked)), [`JsonResponses`] (duplicate `409`), body limit
 /// [`DEFAULT_BODY_LIMIT`], and the core defaults (TTL 300 s, no namespace, fail closed). The
 /// core's `with_*` settings are all here too; [`build`](Self::build) checks them.
 ///
@@ -122,40 +122,49 @@ impl<X> HttpIdempotencyLayer<X> {
 }
 
 impl HttpIdempotencyLayer<GitHubDispatchKey, GitHubSignature> {
-    /// The GitHub webhook preset: [`GitHubDispatchKey`] (every event that names a pull request
-    /// dispatches; narrow it with [`with_extractor`](Self::with_extractor)), signatures checked
-    /// with `secret`, duplicates answered `200 OK` ([`JsonResponses::webhook`]).
+    /// The GitHub webhook preset: [`GitHubDispatchKey`] — which **dispatches nothing** until it
+    /// is given dispatch rules (`with_extractor(GitHubDispatchKey::new().with_filter(rules))`),
+    /// so no event takes a claim by accident — signatures checked with `secret`, duplicates
+    /// answered `200 OK` ([`JsonResponses::webhook`]). An empty secret (an HMAC anyone can
+    /// compute) is refused.
     ///
     /// ```
     /// use tower_idempotency::MemoryStore;
-    /// use tower_idempotency::http::HttpIdempotencyLayer;
+    /// use tower_idempotency::http::{DispatchRules, GitHubDispatchKey, HttpIdempotencyLayer};
     ///
-    /// let layer = HttpIdempotencyLayer::github_webhook(MemoryStore::new(), "webhook secret")
+    /// let rules = DispatchRules::new().allow("check_suite", Some("completed"), Some("success"));
+    /// let layer = HttpIdempotencyLayer::github_webhook(MemoryStore::new(), "webhook secret")?
+    ///     .with_extractor(GitHubDispatchKey::new().with_filter(rules))
     ///     .with_namespace("github-dispatch:");
     /// assert_eq!(layer.namespace(), "github-dispatch:");
+    /// assert!(HttpIdempotencyLayer::github_webhook(MemoryStore::new(), "").is_err());
+    /// # Ok::<(), tower_idempotency::http::SecretError>(())
     /// ```
-    pub fn github_webhook<St: IdempotencyStore>(store: St, secret: impl AsRef<[u8]>) -> Self {
-        HttpIdempotencyLayer::new(store, GitHubDispatchKey::new())
-            .with_verifier(GitHubSignature::new(secret))
-            .with_responses(JsonResponses::webhook())
+    pub fn github_webhook<St: IdempotencyStore>(store: St, secret: impl AsRef<[u8]>) -> Result<Self, SecretError> {
+        Ok(HttpIdempotencyLayer::new(store, GitHubDispatchKey::new())
+            .with_verifier(GitHubSignature::try_new(secret)?)
+            .with_responses(JsonResponses::webhook()))
     }
 }
 
 impl HttpIdempotencyLayer<GitLabDispatchKey, GitLabToken> {
-    /// The GitLab webhook preset: [`GitLabDispatchKey`], `X-Gitlab-Token` checked against
-    /// `token`, duplicates answered `200 OK` ([`JsonResponses::webhook`]).
+    /// The GitLab webhook preset: [`GitLabDispatchKey`] (dispatches nothing until given rules,
+    /// like the GitHub preset), `X-Gitlab-Token` checked against `token` from the headers alone,
+    /// duplicates answered `200 OK` ([`JsonResponses::webhook`]). An empty token is refused.
     ///
     /// ```
     /// use tower_idempotency::MemoryStore;
     /// use tower_idempotency::http::HttpIdempotencyLayer;
     ///
-    /// let layer = HttpIdempotencyLayer::gitlab_webhook(MemoryStore::new(), "webhook token");
+    /// let layer = HttpIdempotencyLayer::gitlab_webhook(MemoryStore::new(), "webhook token")?;
+    /// assert!(HttpIdempotencyLayer::gitlab_webhook(MemoryStore::new(), "").is_err());
     /// # let _ = layer;
+    /// # Ok::<(), tower_idempotency::http::SecretError>(())
     /// ```
-    pub fn gitlab_webhook<St: IdempotencyStore>(store: St, token: impl AsRef<[u8]>) -> Self {
-        HttpIdempotencyLayer::new(store, GitLabDispatchKey::new())
-            .with_verifier(GitLabToken::new(token))
-            .with_responses(JsonResponses::webhook())
+    pub fn gitlab_webhook<St: IdempotencyStore>(store: St, token: impl AsRef<[u8]>) -> Result<Self, SecretError> {
+        Ok(HttpIdempotencyLayer::new(store, GitLabDispatchKey::new())
+            .with_verifier(GitLabToken::try_new(token)?)
+            .with_responses(JsonResponses::webhook()))
     }
 }
 
@@ -172,8 +181,8 @@ impl<X, V, C, R> HttpIdempotencyLayer<X, V, C, R> {
         }
     }
 
-    /// Checks every request with `verifier` before anything else (a refused request is answered
-    /// `401` and takes no claim).
+    /// Checks every request with `verifier` before anything else — from the headers before the
+    /// body is read, then with the body (a refused request is answered `403` and takes no claim).
     pub fn with_verifier<V2>(self, verifier: V2) -> HttpIdempotencyLayer<X, V2, C, R> {
         HttpIdempotencyLayer {
             settings: self.settings,
@@ -240,7 +249,6 @@ impl<X, V, C, R> HttpIdempotencyLayer<X, V, C, R> {
     pub fn body_limit(&self) -> usize {
         self.body_limit
     }
-
 }
 
 impl<S, X: Clone, V: Clone, C: Clone, R: Clone> Layer<S> for HttpIdempotencyLayer<X, V, C, R> {

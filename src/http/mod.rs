@@ -9,26 +9,44 @@
 //!   short-circuit into a **response** ([`ShortCircuitResponse`], JSON by default). The inner
 //!   service's error type is untouched, so `Infallible` stays `Infallible` and the layer drops into
 //!   `Router::layer` / `Router::route_layer` as is.
+//! - Authentication comes before any work: the verifier sees the request head first
+//!   ([`VerifyRequest::verify_head`]), so a missing or malformed signature header, or a wrong
+//!   GitLab token, is answered `403` without reading the body, and a declared `Content-Length`
+//!   over the limit is answered `413` without reading it either.
 //! - When the key lives in the body (webhooks), the body is buffered up to a limit (default
 //!   [`DEFAULT_BODY_LIMIT`], GitHub's 25 MB payload cap; over it: `413`), the signature is checked
-//!   ([`VerifyRequest`]: `401`, before anything touches the store), the key is extracted
-//!   ([`HttpKeyExtractor`]: `400` when malformed), and the inner service receives the identical
-//!   bytes. The claimed [`IdempotencyKey`](crate::IdempotencyKey) is put into the request's
-//!   extensions for the handler.
-//! - Key extractors: [`HeaderKey`] (`Idempotency-Key`, `X-GitHub-Delivery`, any header),
-//!   [`GitHubDispatchKey`] and [`GitLabDispatchKey`] (repository, pull/merge request, head SHA
-//!   from the JSON body, with a [`DispatchFilter`] applied *before* the claim).
+//!   ([`VerifyRequest`]: `403`, before anything touches the store), the key is extracted
+//!   ([`HttpKeyExtractor`]: `400` when malformed, `415` when the body is not JSON by its content
+//!   type), and the inner service receives the identical bytes. The claimed
+//!   [`IdempotencyKey`](crate::IdempotencyKey) is put into the request's extensions for the
+//!   handler.
+//! - Key extractors: [`HeaderKey`] (`Idempotency-Key`, `X-GitHub-Delivery`, GitLab's
+//!   `Idempotency-Key`, any header; never on `GET`/`HEAD`/`OPTIONS`, and scoped by method and
+//!   path), [`GitHubDispatchKey`] and [`GitLabDispatchKey`] (repository, pull/merge request, head
+//!   SHA from the JSON body, with a [`DispatchFilter`] applied *before* the claim; by default
+//!   nothing dispatches).
 //! - Signature checks: [`GitHubSignature`] (`X-Hub-Signature-256`) and [`GitLabToken`]
-//!   (`X-Gitlab-Token`), both constant-time, secrets captured at construction.
+//!   (`X-Gitlab-Token`), both constant-time, secrets captured at construction, empty secrets
+//!   refused ([`SecretError`]), several secrets accepted at once for rotation.
 //! - Outcome classification: [`HttpClassifier`] releases the claim when the handler answers
-//!   `429 Too Many Requests` or marks its response [`Blocked`]; any
+//!   `429 Too Many Requests`, any other `4xx` but `409` (the request was refused before it did
+//!   anything), or marks its response [`Blocked`]; any
 //!   [`ClassifyOutcome`](crate::ClassifyOutcome) can replace it.
 //!
 //! # Order of checks
 //!
-//! body limit (`413`) → signature (`401`) → key extraction and dispatch filter (`400`, or pass
-//! through unclaimed) → claim in the store (duplicate: `409`, or `200` with the webhook presets;
-//! store unavailable: `503`) → handler → keep or release the claim.
+//! signature or token header (`403`) → declared `Content-Length` over the limit (`413`) → body
+//! read up to the limit (`413`) → signature over the body (`403`) → content type (`415`) → key
+//! extraction and dispatch filter (`400`, or pass through unclaimed) → claim in the store
+//! (duplicate: `409`, or `200` with the webhook presets; store unavailable: `503`) → handler →
+//! keep or release the claim.
+//!
+//! # Keys and case
+//!
+//! GitHub and GitLab resolve `owner/repository` and `group/project` paths case-insensitively, so
+//! [`IdempotencyKey::for_pull_request`](crate::IdempotencyKey::for_pull_request) lower-cases the
+//! project (and the SHA), and the webhook extractors build their keys with it: a worker that keys
+//! `Octo/Repo` and a webhook that carries `octo/repo` claim the same key.
 //!
 //! # Example
 //!
@@ -67,7 +85,9 @@
 //! ```no_run
 //! use axum::{Extension, Router, http::StatusCode, routing::post};
 //! use tower_idempotency::{IdempotencyKey, RedisStore};
-//! use tower_idempotency::http::{DispatchRules, DispatchTarget, GitHubDispatchKey, HttpIdempotencyLayer};
+//! use tower_idempotency::http::{
+//!     DispatchRules, DispatchTarget, GitHubDispatchKey, GitHubSignature, HttpIdempotencyLayer, JsonResponses,
+//! };
 //!
 //! async fn github(key: Option<Extension<IdempotencyKey>>, target: Option<Extension<DispatchTarget>>) -> StatusCode {
 //!     match (key, target) {
@@ -84,11 +104,14 @@
 //! let rules = DispatchRules::new()
 //!     .allow("check_suite", Some("completed"), Some("success"))
 //!     .allow("pull_request", Some("review_requested"), None);
+//! // An empty secret is refused here, with a clear error.
+//! let signature = GitHubSignature::try_new(std::env::var("GITHUB_WEBHOOK_SECRET")?)?;
 //! let app: Router = Router::new()
 //!     .route("/webhooks/github", post(github))
 //!     .route_layer(
-//!         HttpIdempotencyLayer::github_webhook(store, std::env::var("GITHUB_WEBHOOK_SECRET")?)
-//!             .with_extractor(GitHubDispatchKey::new().with_filter(rules))
+//!         HttpIdempotencyLayer::new(store, GitHubDispatchKey::new().with_filter(rules))
+//!             .with_verifier(signature)
+//!             .with_responses(JsonResponses::webhook())
 //!             .with_namespace("github-dispatch:"),
 //!     );
 //! # let _ = app; Ok(()) }
@@ -109,7 +132,8 @@ pub use future::ResponseFuture;
 pub use layer::{DEFAULT_BODY_LIMIT, HttpIdempotencyLayer};
 pub use response::{DEFAULT_RETRY_AFTER, IDEMPOTENCY_STATUS, JsonResponses, ShortCircuitResponse};
 pub use service::HttpIdempotency;
-pub use signature::{GitHubSignature, GitLabToken, NoVerification, SignatureError, VerifyRequest};
+pub use signature::{GitHubSignature, GitLabToken, NoVerification, SecretError, SignatureError, VerifyRequest};
 pub use webhook::{
-    AllEvents, DispatchFilter, DispatchRules, DispatchTarget, GitHubDispatchKey, GitLabDispatchKey, WebhookEvent,
+    AllEvents, DispatchFilter, DispatchRules, DispatchTarget, GitHubDispatchKey, GitLabDispatchKey, OverrideTrigger,
+    WebhookEvent,
 };

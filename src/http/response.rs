@@ -78,9 +78,16 @@ pub trait ShortCircuitResponse {
         JsonResponses::new().too_large(limit)
     }
 
-    /// The signature was missing or wrong; nothing was claimed.
+    /// The signature was missing or wrong; nothing was claimed. The default answers
+    /// `403 Forbidden` (see [the signature module](super::VerifyRequest) for why not `401`).
     fn unauthorized(&self, error: &(dyn Error + 'static)) -> Response<Bytes> {
         JsonResponses::new().unauthorized(error)
+    }
+
+    /// The body's content type is not one the extractor reads (e.g. a form-encoded webhook
+    /// delivery); nothing was claimed.
+    fn unsupported_media_type(&self, error: &(dyn Error + 'static)) -> Response<Bytes> {
+        JsonResponses::new().unsupported_media_type(error)
     }
 }
 
@@ -93,7 +100,8 @@ pub trait ShortCircuitResponse {
 /// | claim lost (abort policy) | `503`, header `Retry-After` | `{"status":"claim_lost","key":"…"}` |
 /// | invalid key or body | `400` | `{"error":"…"}` |
 /// | body over the limit | `413` | `{"error":"…"}` |
-/// | bad signature | `401` | `{"error":"…"}` |
+/// | bad signature or token (missing, malformed, wrong) | `403` | `{"error":"…"}` |
+/// | body not JSON by its content type (e.g. form-encoded) | `415` | `{"error":"…"}`, naming the content type to set |
 ///
 /// ```
 /// use http::StatusCode;
@@ -112,6 +120,12 @@ pub trait ShortCircuitResponse {
 /// let down = JsonResponses::new().unavailable();
 /// assert_eq!(down.status(), StatusCode::SERVICE_UNAVAILABLE);
 /// assert_eq!(down.headers()["retry-after"], "5");
+///
+/// let error = std::io::Error::other("`x-hub-signature-256` does not match");
+/// let refused = JsonResponses::new().unauthorized(&error);
+/// assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+/// assert!(!refused.headers().contains_key("www-authenticate"));
+/// assert_eq!(JsonResponses::new().unsupported_media_type(&error).status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct JsonResponses {
@@ -204,7 +218,14 @@ impl ShortCircuitResponse for JsonResponses {
     }
 
     fn unauthorized(&self, error: &(dyn Error + 'static)) -> Response<Bytes> {
-        json(StatusCode::UNAUTHORIZED, error_body(&Chain(error).to_string()))
+        json(StatusCode::FORBIDDEN, error_body(&Chain(error).to_string()))
+    }
+
+    fn unsupported_media_type(&self, error: &(dyn Error + 'static)) -> Response<Bytes> {
+        json(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            error_body(&Chain(error).to_string()),
+        )
     }
 }
 

@@ -25,13 +25,13 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use tokio::time::Instant;
 
+use super::Protocol;
 use super::background::Work;
 use super::lease::Lease;
-use super::Protocol;
+use crate::IdempotencyKey;
 use crate::error::Chain;
 use crate::settings::StoreErrorPolicy;
 use crate::store::{BoxFuture, ClaimOutcome, ClaimToken, StoreError};
-use crate::IdempotencyKey;
 
 /// What the protocol decided for one caller.
 pub(crate) enum Decision {
@@ -68,7 +68,10 @@ impl Coalescer {
 struct Attempt {
     protocol: Arc<Protocol>,
     key: IdempotencyKey,
+    /// The key the claim is held on: the request's key, or an override's identity key.
     full_key: Arc<str>,
+    /// An override's other key: the request's key, taken over from its holder.
+    also: Option<Arc<str>>,
     token: ClaimToken,
     coalesced: bool,
     state: Mutex<AttemptState>,
@@ -77,7 +80,9 @@ struct Attempt {
 
 impl std::fmt::Debug for Attempt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Attempt").field("key", &self.key).finish_non_exhaustive()
+        f.debug_struct("Attempt")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
     }
 }
 
@@ -150,10 +155,44 @@ impl Attempt {
             .store
             .clone()
             .claim(full_key.clone(), token.clone(), settings.ttl);
+        Self::with_claim(protocol, key, full_key, None, token, claim, coalesced)
+    }
+
+    /// A human override: claims its own identity key (so the same override delivered twice
+    /// dispatches once), then takes the request's key over from whoever holds it (one
+    /// `SET … XX GET`), so later automated triggers are duplicates and the previous holder's
+    /// release and renewal fail their token check. A free key is left free: an override never
+    /// stops the automated trigger from dispatching once.
+    fn takeover(protocol: &Arc<Protocol>, key: IdempotencyKey, main_key: Arc<str>, identity: &str) -> Arc<Self> {
+        let token = ClaimToken::generate();
+        let identity_key: Arc<str> = Arc::from(format!("{main_key}:override:{identity}").as_str());
+        let (store, ttl) = (protocol.settings.store.clone(), protocol.settings.ttl);
+        let (id_key, main, tok, shown) = (identity_key.clone(), main_key.clone(), token.clone(), key.clone());
+        let claim: BoxFuture<Result<ClaimOutcome, StoreError>> = Box::pin(async move {
+            if store.clone().claim(id_key, tok.clone(), ttl).await? == ClaimOutcome::AlreadyClaimed {
+                return Ok(ClaimOutcome::AlreadyClaimed);
+            }
+            let took_over = store.take_over(main, tok, ttl).await?;
+            tracing::info!(key = %shown, outcome = "override", took_over, "override: claim taken over");
+            Ok(ClaimOutcome::Acquired)
+        });
+        Self::with_claim(protocol, key, identity_key, Some(main_key), token, claim, false)
+    }
+
+    fn with_claim(
+        protocol: &Arc<Protocol>,
+        key: IdempotencyKey,
+        full_key: Arc<str>,
+        also: Option<Arc<str>>,
+        token: ClaimToken,
+        claim: BoxFuture<Result<ClaimOutcome, StoreError>>,
+        coalesced: bool,
+    ) -> Arc<Self> {
         Arc::new(Self {
             protocol: protocol.clone(),
             key,
             full_key,
+            also,
             token,
             coalesced,
             state: Mutex::new(AttemptState {
@@ -177,6 +216,7 @@ impl Attempt {
             self.protocol.clone(),
             self.key.clone(),
             self.full_key.clone(),
+            self.also.clone(),
             self.token.clone(),
             confirmed,
         )
@@ -252,12 +292,14 @@ impl Drop for Attempt {
         if maybe_landed && !state.lease_taken {
             tracing::debug!(key = %self.key, outcome = "cleanup", "a claim that may have landed has no holder; removing it in the background");
             let settings = &self.protocol.settings;
-            settings.background.submit(
-                self.full_key.clone(),
-                self.token.clone(),
-                Work::Cleanup,
-                Instant::now() + settings.ttl,
-            );
+            for key in std::iter::once(&self.full_key).chain(&self.also) {
+                settings.background.submit(
+                    key.clone(),
+                    self.token.clone(),
+                    Work::Cleanup,
+                    Instant::now() + settings.ttl,
+                );
+            }
         }
         if self.coalesced
             && let Some(coalescer) = &self.protocol.settings.coalescer
@@ -282,8 +324,19 @@ impl std::fmt::Debug for Claiming {
 }
 
 impl Claiming {
-    pub(super) fn start(protocol: &Arc<Protocol>, key: IdempotencyKey, owner: Option<ClaimToken>) -> Self {
+    pub(super) fn start(
+        protocol: &Arc<Protocol>,
+        key: IdempotencyKey,
+        owner: Option<ClaimToken>,
+        takeover: Option<&str>,
+    ) -> Self {
         let full_key = protocol.full_key(&key);
+        if let Some(identity) = takeover {
+            return Self {
+                attempt: Attempt::takeover(protocol, key, full_key, identity),
+                member: 0,
+            };
+        }
         let Some(coalescer) = &protocol.settings.coalescer else {
             return Self {
                 attempt: Attempt::new(protocol, key, full_key, owner, false),

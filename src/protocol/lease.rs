@@ -25,6 +25,8 @@ pub(crate) struct Lease {
     protocol: Arc<Protocol>,
     key: IdempotencyKey,
     full_key: Arc<str>,
+    /// An override's taken-over key, released with the claim (token-checked).
+    also: Option<Arc<str>>,
     token: ClaimToken,
     /// The store confirmed the claim. `false`: adopted after a store error that may have
     /// applied (fail-open, shadow mode); it may not exist, so it is not renewed.
@@ -40,6 +42,7 @@ impl Lease {
         protocol: Arc<Protocol>,
         key: IdempotencyKey,
         full_key: Arc<str>,
+        also: Option<Arc<str>>,
         token: ClaimToken,
         confirmed: bool,
     ) -> Self {
@@ -49,6 +52,7 @@ impl Lease {
             protocol,
             key,
             full_key,
+            also,
             token,
             confirmed,
             acquired_at: now,
@@ -68,6 +72,19 @@ impl Lease {
             sent_at: self.acquired_at,
         });
         Running { lease: self, renewal }
+    }
+}
+
+impl Lease {
+    /// Hands the release of this claim (and an override's taken-over key) to the background
+    /// owner, which retries until it is released or expires.
+    fn release_in_background(&self) {
+        for key in std::iter::once(&self.full_key).chain(&self.also) {
+            self.protocol
+                .settings
+                .background
+                .submit(key.clone(), self.token.clone(), Work::Release, self.expires_at);
+        }
     }
 }
 
@@ -143,12 +160,16 @@ impl Running {
             }
             Settle::Release => {
                 let lease = self.lease;
-                let release = lease
-                    .protocol
-                    .settings
-                    .store
-                    .clone()
-                    .release(lease.full_key.clone(), lease.token.clone());
+                let store = lease.protocol.settings.store.clone();
+                let (key, also, token) = (lease.full_key.clone(), lease.also.clone(), lease.token.clone());
+                let release: BoxFuture<Result<bool, StoreError>> = Box::pin(async move {
+                    let released = store.clone().release(key, token.clone()).await?;
+                    if let Some(also) = also {
+                        // The taken-over key goes too, if it is still ours.
+                        store.release(also, token).await?;
+                    }
+                    Ok(released)
+                });
                 Some(Releasing {
                     lease: Some(lease),
                     release,
@@ -212,15 +233,12 @@ impl Releasing {
         lease.settled = true;
         match answer {
             Ok(true) => tracing::info!(key = %lease.key, outcome = "released", "blocked; claim released"),
-            Ok(false) => tracing::warn!(key = %lease.key, outcome = "released", "blocked, but the claim was already gone (expired or taken over)"),
+            Ok(false) => {
+                tracing::warn!(key = %lease.key, outcome = "released", "blocked, but the claim was already gone (expired or taken over)")
+            }
             Err(error) => {
                 tracing::error!(key = %lease.key, outcome = "release_failed", error = %Chain(&error), "blocked, but releasing the claim failed; retrying in the background until it is released or expires");
-                lease.protocol.settings.background.submit(
-                    lease.full_key.clone(),
-                    lease.token.clone(),
-                    Work::Release,
-                    lease.expires_at,
-                );
+                lease.release_in_background();
                 return Poll::Ready(Err((lease.key.clone(), error)));
             }
         }
@@ -233,12 +251,7 @@ impl Drop for Releasing {
         if let Some(mut lease) = self.lease.take() {
             lease.settled = true;
             tracing::debug!(key = %lease.key, outcome = "dropped", "dropped while releasing; the release is finished in the background");
-            lease.protocol.settings.background.submit(
-                lease.full_key.clone(),
-                lease.token.clone(),
-                Work::Release,
-                lease.expires_at,
-            );
+            lease.release_in_background();
         }
     }
 }

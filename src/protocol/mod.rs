@@ -56,8 +56,15 @@ impl Protocol {
     }
 
     /// Starts claiming `key`, as `owner` when the caller has a stable identity for this job,
-    /// else under a fresh token.
-    pub(crate) fn begin(self: &Arc<Self>, key: IdempotencyKey, owner: Option<ClaimToken>) -> Claiming {
-        Claiming::start(self, key, owner)
+    /// else under a fresh token. With `takeover` (the identity of a human override, e.g. its
+    /// delivery id) the claim is an override: deduplicated by that identity, and taking `key`
+    /// over from whoever holds it.
+    pub(crate) fn begin(
+        self: &Arc<Self>,
+        key: IdempotencyKey,
+        owner: Option<ClaimToken>,
+        takeover: Option<&str>,
+    ) -> Claiming {
+        Claiming::start(self, key, owner, takeover)
     }
 }

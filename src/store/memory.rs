@@ -98,6 +98,19 @@ impl IdempotencyStore for MemoryStore {
         Ok(ClaimOutcome::Acquired)
     }
 
+    async fn take_over(&self, key: &str, token: &ClaimToken, ttl: Duration) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        let mut claims = self.lock();
+        match claims.map.get_mut(key) {
+            Some((holder, exp)) if *exp > now => {
+                *holder = token.clone();
+                *exp = expiry(now, ttl);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     async fn release(&self, key: &str, token: &ClaimToken) -> Result<bool, StoreError> {
         let now = Instant::now();
         let mut claims = self.lock();

@@ -265,6 +265,26 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     fn max_ttl(&self) -> Duration {
         Duration::from_secs(100 * 365 * 24 * 3600)
     }
+
+    /// Atomically makes `token` the holder of `key` for `ttl` **if someone holds it** (a human
+    /// override taking an automated claim over); a free key is left free. Returns whether the
+    /// key was held (and is now `token`'s). Afterwards the previous holder's release and renewal
+    /// fail their token check.
+    ///
+    /// The default refuses (the override then fails like any store error); the stores of this
+    /// crate implement it with one command.
+    fn take_over(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        let _ = (key, token, ttl);
+        std::future::ready(Err(StoreError::UnexpectedReply {
+            operation: "take_over",
+            reply: "this store does not support overrides".into(),
+        }))
+    }
 }
 
 impl<T: IdempotencyStore> IdempotencyStore for Arc<T> {
@@ -293,6 +313,15 @@ impl<T: IdempotencyStore> IdempotencyStore for Arc<T> {
     fn max_ttl(&self) -> Duration {
         (**self).max_ttl()
     }
+
+    fn take_over(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        (**self).take_over(key, token, ttl)
+    }
 }
 
 /// Futures returned by the type-erased store the layer holds.
@@ -309,6 +338,12 @@ pub(crate) trait ErasedStore: Send + Sync + 'static {
     fn release(self: Arc<Self>, key: Arc<str>, token: ClaimToken) -> BoxFuture<Result<bool, StoreError>>;
     fn renew(self: Arc<Self>, key: Arc<str>, token: ClaimToken, ttl: Duration) -> BoxFuture<Result<bool, StoreError>>;
     fn max_ttl(&self) -> Duration;
+    fn take_over(
+        self: Arc<Self>,
+        key: Arc<str>,
+        token: ClaimToken,
+        ttl: Duration,
+    ) -> BoxFuture<Result<bool, StoreError>>;
 }
 
 impl<T: IdempotencyStore> ErasedStore for T {
@@ -329,6 +364,14 @@ impl<T: IdempotencyStore> ErasedStore for T {
     fn max_ttl(&self) -> Duration {
         IdempotencyStore::max_ttl(self)
     }
+    fn take_over(
+        self: Arc<Self>,
+        key: Arc<str>,
+        token: ClaimToken,
+        ttl: Duration,
+    ) -> BoxFuture<Result<bool, StoreError>> {
+        Box::pin(async move { IdempotencyStore::take_over(&*self, &key, &token, ttl).await })
+    }
 }
 
 /// Checks a store's per-call timeout when the store is built: zero would fail every call, and
@@ -345,7 +388,9 @@ pub(crate) fn validate_timeout(timeout: Duration) -> Result<Duration, StoreError
     if timeout > MAX {
         return Err(StoreError::InvalidSetting {
             setting: "timeout",
-            reason: format!("{timeout:?} is longer than the 1 h maximum; a store call that may hang that long is not bounded, use a value in milliseconds"),
+            reason: format!(
+                "{timeout:?} is longer than the 1 h maximum; a store call that may hang that long is not bounded, use a value in milliseconds"
+            ),
         });
     }
     Ok(timeout * 4)

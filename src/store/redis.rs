@@ -27,6 +27,13 @@ static CLAIM_COMPAT: LazyLock<redis::Script> = LazyLock::new(|| {
     )
 });
 
+/// `SET … XX GET` for servers older than 6.2.
+static TAKE_OVER_COMPAT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        "local v = redis.call('GET', KEYS[1]) if v then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end return v",
+    )
+});
+
 /// Extends the key's TTL only if it still holds our token.
 static RENEW: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
@@ -308,6 +315,33 @@ where
             Value::BulkString(_) => Ok(ClaimOutcome::AlreadyClaimed),
             other => Err(StoreError::UnexpectedReply {
                 operation: "claim",
+                reply: format!("{other:?}"),
+            }),
+        }
+    }
+
+    async fn take_over(&self, key: &str, token: &ClaimToken, ttl: Duration) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let reply: Value = if self.compat.load(Ordering::Relaxed) {
+            let mut invocation = TAKE_OVER_COMPAT.key(key);
+            invocation.arg(token.as_str()).arg(ttl_millis(ttl));
+            self.bounded("take_over", invocation.invoke_async(&mut conn)).await?
+        } else {
+            // Only if held (XX); GET says whether it was.
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(key)
+                .arg(token.as_str())
+                .arg("XX")
+                .arg("GET")
+                .arg("PX")
+                .arg(ttl_millis(ttl));
+            self.bounded("take_over", cmd.query_async(&mut conn)).await?
+        };
+        match reply {
+            Value::Nil => Ok(false),
+            Value::BulkString(_) | Value::Okay => Ok(true),
+            other => Err(StoreError::UnexpectedReply {
+                operation: "take_over",
                 reply: format!("{other:?}"),
             }),
         }

@@ -51,7 +51,10 @@ pub mod cases {
             ClaimOutcome::Acquired,
             "a resend of our own claim is told it holds the key"
         );
-        assert_eq!(h.store.claim("k", &other, TTL).await.unwrap(), ClaimOutcome::AlreadyClaimed);
+        assert_eq!(
+            h.store.claim("k", &other, TTL).await.unwrap(),
+            ClaimOutcome::AlreadyClaimed
+        );
         assert!(h.store.release("k", &mine).await.unwrap(), "the claim is still ours");
         assert_eq!(h.store.claim("k", &other, TTL).await.unwrap(), ClaimOutcome::Acquired);
         assert_eq!(

@@ -4,6 +4,8 @@
 //! Included with `mod faults_support;` (a folder, so Cargo does not build it as a test of its own).
 #![allow(dead_code, unreachable_pub)]
 
+pub mod scripted;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io::Write;

@@ -104,19 +104,85 @@ pub struct RawResponse {
 /// POSTs `body` to `http://addr/path` on a fresh connection (`connection: close`) and reads
 /// the whole response.
 pub async fn post(addr: std::net::SocketAddr, path: &str, headers: &[(&str, &str)], body: &[u8]) -> RawResponse {
+    send(addr, "POST", path, headers, body).await
+}
+
+/// Sends a `method` request with `body` to `http://addr/path` on a fresh connection
+/// (`connection: close`) and reads the whole response.
+pub async fn send(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> RawResponse {
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to router");
-    let mut request = format!(
-        "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-length: {}\r\nconnection: close\r\n",
-        body.len()
+    stream
+        .write_all(request_head(addr, method, path, headers, body.len() as u64).as_bytes())
+        .await
+        .expect("write request head");
+    stream.write_all(body).await.expect("write request body");
+    read_response(&mut stream).await
+}
+
+/// Sends only the head of a POST that declares `content_length` body bytes, never sends the
+/// body, and reads the response: what a client that makes the server wait (or buffer) sees.
+pub async fn post_head_only(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    content_length: u64,
+) -> RawResponse {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to router");
+    stream
+        .write_all(request_head(addr, "POST", path, headers, content_length).as_bytes())
+        .await
+        .expect("write request head");
+    read_response(&mut stream).await
+}
+
+fn request_head(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    content_length: u64,
+) -> String {
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-length: {content_length}\r\nconnection: close\r\n"
     );
     for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
+        head.push_str(&format!("{name}: {value}\r\n"));
     }
-    request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).await.expect("write request head");
-    stream.write_all(body).await.expect("write request body");
+    head.push_str("\r\n");
+    head
+}
+
+/// Reads one response: its head, then as many body bytes as its `content-length` says (or to
+/// the end of the stream without one), so it returns as soon as the answer is complete, whether
+/// or not the server closes the connection.
+async fn read_response(stream: &mut tokio::net::TcpStream) -> RawResponse {
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.expect("read response");
+    let mut buf = [0u8; 8192];
+    loop {
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8(raw[..end].to_vec()).expect("UTF-8 response head");
+            let length = head.lines().find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse::<usize>().ok())
+                    .flatten()
+            });
+            if length.is_some_and(|len| raw.len() >= end + 4 + len) {
+                break;
+            }
+        }
+        let n = stream.read(&mut buf).await.expect("read response");
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
     let text = String::from_utf8(raw).expect("UTF-8 response");
     let (head, body) = text.split_once("\r\n\r\n").expect("response head and body");
     let status = head
@@ -128,5 +194,23 @@ pub async fn post(addr: std::net::SocketAddr, path: &str, headers: &[(&str, &str
         status,
         head: head.to_owned(),
         body: body.to_owned(),
+    }
+}
+
+/// Serves `app` on a free port of 127.0.0.1 until the test's runtime ends; its address.
+pub async fn serve(app: axum::Router) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local address");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+impl RawResponse {
+    /// The value of header `name` (case-insensitive), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().find_map(|line| {
+            let (n, value) = line.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| value.trim())
+        })
     }
 }

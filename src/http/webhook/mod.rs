@@ -8,7 +8,9 @@
 //! Only events that will dispatch may take a claim: a claim taken by an event that then does
 //! nothing blocks the real trigger that follows it for the whole TTL. A [`DispatchFilter`] on
 //! (event, action, conclusion) therefore runs before the claim; events it rejects, and events
-//! that name no pull request, pass through unclaimed (logged at `debug`).
+//! that name no pull request, pass through unclaimed (logged at `debug`). The extractors'
+//! default filter is the empty [`DispatchRules`]: nothing dispatches until rules say what does,
+//! so the webhook presets never claim for an event nobody asked to dispatch.
 
 use std::fmt;
 
@@ -67,7 +69,7 @@ pub struct DispatchTarget {
 /// | provider | `event` | `action` | `conclusion` |
 /// |---|---|---|---|
 /// | GitHub | `X-GitHub-Event` | `.action` | `check_suite` / `check_run` / `workflow_run`: `.conclusion`; `pull_request_review`: `.review.state` |
-/// | GitLab | `merge_request`, `pipeline`, `note` (from `X-Gitlab-Event`) | `.object_attributes.action` | `pipeline`: `.object_attributes.status` |
+/// | GitLab | `merge_request`, `pipeline`, `note` (from `X-Gitlab-Event`) | `.object_attributes.action` | `pipeline`: `.object_attributes.status`; `merge_request`: `new_commits` when the hook reports pushed commits (`.object_attributes.oldrev` present), else none |
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct WebhookEvent<'a> {
@@ -104,6 +106,14 @@ impl<'a> WebhookEvent<'a> {
 pub trait DispatchFilter {
     /// Whether `event` dispatches.
     fn dispatches(&self, event: &WebhookEvent<'_>) -> bool;
+
+    /// Whether a dispatching `event` is a **human override** (a person asking for the job again,
+    /// e.g. `pull_request` `review_requested`): it takes the key over even while an automated
+    /// claim holds it, deduplicated by its own delivery. Default: never.
+    fn overrides(&self, event: &WebhookEvent<'_>) -> bool {
+        let _ = event;
+        false
+    }
 }
 
 impl<F> DispatchFilter for F
@@ -154,6 +164,7 @@ struct Rule {
     event: String,
     action: Option<String>,
     conclusion: Option<String>,
+    overrides: bool,
 }
 
 impl DispatchRules {
@@ -168,8 +179,42 @@ impl DispatchRules {
             event: event.into(),
             action: action.map(str::to_owned),
             conclusion: conclusion.map(str::to_owned),
+            overrides: false,
         });
         self
+    }
+
+    /// Adds a rule whose events dispatch as **human overrides**: such an event takes the key
+    /// over even while an automated claim holds it, and is deduplicated by its own delivery id
+    /// (`X-GitHub-Delivery`, scoped by `X-GitHub-Hook-ID`; GitLab's `X-Gitlab-Webhook-UUID`), so
+    /// a person can always get a fresh review of the same commit, once per request.
+    ///
+    /// ```
+    /// use tower_idempotency::http::{DispatchFilter, DispatchRules, WebhookEvent};
+    ///
+    /// let rules = DispatchRules::new()
+    ///     .allow("check_suite", Some("completed"), Some("success"))
+    ///     .allow_override("pull_request", Some("review_requested"), None);
+    /// let requested = WebhookEvent::new("pull_request", Some("review_requested"), None);
+    /// assert!(rules.dispatches(&requested) && rules.overrides(&requested));
+    /// assert!(!rules.overrides(&WebhookEvent::new("check_suite", Some("completed"), Some("success"))));
+    /// ```
+    pub fn allow_override(mut self, event: impl Into<String>, action: Option<&str>, conclusion: Option<&str>) -> Self {
+        self = self.allow(event, action, conclusion);
+        if let Some(rule) = self.rules.last_mut() {
+            rule.overrides = true;
+        }
+        self
+    }
+
+    fn matching<'a>(&'a self, event: &'a WebhookEvent<'_>) -> impl Iterator<Item = &'a Rule> + 'a {
+        let matches =
+            |pattern: &Option<String>, value: Option<&str>| pattern.as_deref().is_none_or(|p| Some(p) == value);
+        self.rules.iter().filter(move |rule| {
+            rule.event == event.event
+                && matches(&rule.action, event.action)
+                && matches(&rule.conclusion, event.conclusion)
+        })
     }
 }
 
@@ -181,8 +226,11 @@ impl fmt::Debug for DispatchRules {
                 "{}/{}/{}",
                 rule.event,
                 rule.action.as_deref().unwrap_or("*"),
-                rule.conclusion.as_deref().unwrap_or("*")
+                rule.conclusion.as_deref().unwrap_or("*"),
             ));
+            if rule.overrides {
+                list.entry(&"(override)");
+            }
         }
         list.finish()
     }
@@ -190,14 +238,32 @@ impl fmt::Debug for DispatchRules {
 
 impl DispatchFilter for DispatchRules {
     fn dispatches(&self, event: &WebhookEvent<'_>) -> bool {
-        let matches =
-            |pattern: &Option<String>, value: Option<&str>| pattern.as_deref().is_none_or(|p| Some(p) == value);
-        self.rules.iter().any(|rule| {
-            rule.event == event.event
-                && matches(&rule.action, event.action)
-                && matches(&rule.conclusion, event.conclusion)
-        })
+        self.matching(event).next().is_some()
     }
+
+    fn overrides(&self, event: &WebhookEvent<'_>) -> bool {
+        self.matching(event).any(|rule| rule.overrides)
+    }
+}
+
+/// Refuses a body whose `Content-Type` says it is not JSON. GitHub can be configured to send
+/// `application/x-www-form-urlencoded` (the JSON in a `payload` field); answering `400` to that
+/// while `ping` (whose body is never read) answers `200` would make a hook look healthy while
+/// every dispatching delivery fails. So every delivery with a non-JSON content type, `ping`
+/// included, is refused with `415`, whose message says what to set. An absent `Content-Type` is
+/// read as JSON.
+fn require_json(parts: &Parts) -> Result<(), ExtractError> {
+    let Some(value) = parts.headers.get(http::header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let text = String::from_utf8_lossy(value.as_bytes());
+    let media_type = text.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    if media_type == "application/json" || media_type.ends_with("+json") {
+        return Ok(());
+    }
+    Err(ExtractError::UnsupportedContentType {
+        content_type: quoted(&text),
+    })
 }
 
 /// The value of a header that identifies the event, as text.
@@ -315,6 +381,24 @@ struct Found {
     head_sha_field: &'static str,
 }
 
+/// Marks a request as a **human override** with its own identity (e.g. a review request's
+/// delivery id): the HTTP layer claims it as an override — taking the key over even while an
+/// automated claim holds it, deduplicated by `identity`. The webhook extractors insert it into
+/// the request's extensions for events their rules mark as overrides
+/// ([`DispatchRules::allow_override`]); any [`HttpKeyExtractor`](super::HttpKeyExtractor) may
+/// insert it too.
+///
+/// ```
+/// use tower_idempotency::http::OverrideTrigger;
+/// let marker = OverrideTrigger { identity: "hook-1/delivery-7".into() };
+/// assert_eq!(marker.identity, "hook-1/delivery-7");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverrideTrigger {
+    /// The override's own identity; the same identity is one override.
+    pub identity: String,
+}
+
 /// Applies the filter, then builds the key and the [`DispatchTarget`]; shared by both providers.
 fn finish(
     filter: &impl DispatchFilter,
@@ -365,6 +449,28 @@ fn finish(
             source,
         }
     })?;
+    if filter.overrides(&WebhookEvent::new(
+        event,
+        found.action.as_deref(),
+        found.conclusion.as_deref(),
+    )) {
+        match delivery {
+            Some(delivery) => {
+                // GitHub sends one delivery id to every hook that receives the event.
+                let hook = parts.headers.get("x-github-hook-id").and_then(|v| v.to_str().ok());
+                let identity = match hook {
+                    Some(hook) => format!("{hook}/{delivery}"),
+                    None => delivery.to_owned(),
+                };
+                parts.extensions.insert(OverrideTrigger { identity });
+            }
+            None => tracing::warn!(
+                event,
+                action,
+                "override event without a delivery id; claimed as an ordinary trigger"
+            ),
+        }
+    }
     parts.extensions.insert(DispatchTarget {
         event: event.to_owned(),
         action: found.action,
