@@ -1,5 +1,6 @@
 #![allow(dead_code, unreachable_pub)]
 
+pub mod fault_proxy;
 pub mod redis_cluster;
 pub mod redis_server;
 
