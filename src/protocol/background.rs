@@ -28,6 +28,8 @@ pub(crate) const PHANTOM_WATCH: Duration = Duration::from_secs(10);
 /// is removed within this (plus one round trip).
 pub(crate) const MAX_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 const FIRST_RETRY: Duration = Duration::from_millis(50);
+/// How long before its deadline a claim gets its last attempt.
+const LAST_TRY_MARGIN: Duration = Duration::from_millis(10);
 /// Tokens looked after per key; more concurrent lost claims on one key than this are left to
 /// their TTL.
 const MAX_TOKENS_PER_KEY: usize = 16;
@@ -238,7 +240,9 @@ impl Background {
             for key in touched {
                 if let Some(job) = jobs.get_mut(&key) {
                     let earliest = job.items.iter().map(|i| i.deadline).min().unwrap_or(now);
-                    job.next = (now + job.delay).min(earliest.max(now));
+                    // Items are dropped once their deadline has come: the last try is just before.
+                    let last_chance = earliest.checked_sub(LAST_TRY_MARGIN).unwrap_or(earliest).max(now);
+                    job.next = (now + job.delay).min(last_chance);
                     job.delay = (job.delay * 2).min(MAX_CHECK_INTERVAL);
                 }
             }
