@@ -45,6 +45,8 @@
 //! - `redis-cluster`: `RedisStore` over a cluster connection.
 //! - `sentry`: report store errors through `sentry-core`.
 //! - `http`: the HTTP form of the layer and webhook key extractors.
+//! - `metrics` (default): outcome counters, store latency, hold time and pending background work
+//!   through the `metrics` facade ([`observe`]).
 
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
@@ -58,6 +60,7 @@ mod future;
 pub mod http;
 mod key;
 mod layer;
+pub mod observe;
 mod protocol;
 mod report;
 mod service;

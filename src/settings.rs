@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::observe::Observers;
 use crate::protocol::Background;
 use crate::protocol::Coalescer;
 use crate::report::{DEFAULT_REPORT_INTERVAL, DEFAULT_SENTRY_TAG, Reporter};
@@ -139,6 +140,7 @@ pub(crate) struct Settings {
     pub(crate) reporter: Arc<Reporter>,
     pub(crate) coalescer: Option<Arc<Coalescer>>,
     pub(crate) background: Arc<Background>,
+    pub(crate) observers: Observers,
 }
 
 impl std::fmt::Debug for Settings {
@@ -171,6 +173,7 @@ impl Settings {
             lost_claim: LostClaimPolicy::Continue,
             reporter: Arc::new(Reporter::new(DEFAULT_SENTRY_TAG.to_owned(), DEFAULT_REPORT_INTERVAL)),
             coalescer: None,
+            observers: Observers::default(),
         }
     }
 
@@ -309,6 +312,21 @@ macro_rules! settings_builders {
         /// Saves Redis work under webhook bursts.
         pub fn with_coalescing(mut self, coalesce: bool) -> Self {
             self.settings.coalescer = coalesce.then(|| std::sync::Arc::new($crate::protocol::Coalescer::default()));
+            self
+        }
+
+        /// The layer's name in metrics and observer calls (default `default`): a low-cardinality
+        /// label such as `review-dispatch`, never a key.
+        pub fn with_name(mut self, name: impl Into<String>) -> Self {
+            self.settings.observers.layer = std::sync::Arc::from(name.into().as_str());
+            self
+        }
+
+        /// Also reports outcomes, store latency, hold time and pending background work to
+        /// `observer` (see [`observe`](crate::observe)); with the `metrics` feature they go to
+        /// the `metrics` facade as well.
+        pub fn with_observer(mut self, observer: impl $crate::observe::Observer) -> Self {
+            self.settings.observers.push(std::sync::Arc::new(observer));
             self
         }
 

@@ -62,6 +62,7 @@
 //! | body over 25 MB (a declared `Content-Length` is refused before reading) | `413` |
 //! | missing, malformed or wrong `X-Hub-Signature-256` / `X-Gitlab-Token` (secret set) | `403`, before the body is read when the header alone shows it |
 //! | `GET /healthz` | `200` `{"status":"ok"}` |
+//! | `GET /metrics` | `200`, Prometheus text format: `idempotency_outcomes{layer,outcome}`, `idempotency_store_duration{layer,operation,result}`, `idempotency_hold_duration{layer}`, `idempotency_background_pending{layer}` (see `tower_idempotency::observe`) |
 //!
 //! Logs go through `tracing-subscriber` with an env filter (`RUST_LOG`, default `info`).
 #![allow(dead_code)]
@@ -597,12 +598,15 @@ pub fn build_with_store<St: IdempotencyStore>(cfg: &RouterConfig, store: St, con
         script: Arc::new(redis::Script::new(DISPATCH_SCRIPT)),
     };
     let route = post(dispatch);
+    // Installed before the layer wraps the route, so its metrics are registered with it.
+    let metrics = prometheus();
     let router = match cfg.provider {
         Provider::GitHub => Router::new().route(path, route).route_layer(
             HttpIdempotencyLayer::new(store, GitHubDispatchKey::new().with_filter(dispatch_rules()))
                 .with_verifier(cfg.secret.as_ref().map(GitHubSignature::new))
                 .with_responses(JsonResponses::webhook())
                 .with_namespace(cfg.namespace.as_str())
+                .with_name("github-webhook")
                 .with_ttl(cfg.ttl),
         ),
         Provider::GitLab => Router::new().route(path, route).route_layer(
@@ -615,10 +619,54 @@ pub fn build_with_store<St: IdempotencyStore>(cfg: &RouterConfig, store: St, con
             .with_verifier(cfg.secret.as_ref().map(GitLabToken::new))
             .with_responses(JsonResponses::webhook())
             .with_namespace(cfg.namespace.as_str())
+            .with_name("gitlab-webhook")
             .with_ttl(cfg.ttl),
         ),
     };
-    router.route(HEALTH_PATH, get(health)).with_state(dispatcher)
+    router
+        .route(HEALTH_PATH, get(health))
+        .route(
+            METRICS_PATH,
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    match metrics {
+                        Some(handle) => (
+                            StatusCode::OK,
+                            [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                            handle.render(),
+                        )
+                            .into_response(),
+                        None => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+                    }
+                }
+            }),
+        )
+        .with_state(dispatcher)
+}
+
+/// Where the router serves its metrics, in Prometheus text format.
+pub const METRICS_PATH: &str = "/metrics";
+
+/// The process's Prometheus recorder, installed on first use; `None` when another recorder was
+/// installed first (then `/metrics` answers `503`).
+fn prometheus() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(
+            || match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
+                Ok(handle) => {
+                    tower_idempotency::observe::describe_metrics();
+                    Some(handle)
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "no Prometheus recorder: /metrics is unavailable");
+                    None
+                }
+            },
+        )
+        .clone()
 }
 
 /// The router `examples/incident_replay.rs` runs: defaults except `namespace` and `stream`, no

@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::error::Chain;
+use crate::observe::Observers;
 use crate::store::{ClaimToken, ErasedStore};
 
 /// At most this many claims are looked after at once; beyond it a claim is left to expire after
@@ -55,6 +56,7 @@ pub(crate) struct Background {
     store: Arc<dyn ErasedStore>,
     state: Mutex<State>,
     wake: Notify,
+    observers: Mutex<Option<Arc<Observers>>>,
 }
 
 #[derive(Default)]
@@ -84,7 +86,17 @@ impl Background {
             store,
             state: Mutex::new(State::default()),
             wake: Notify::new(),
+            observers: Mutex::new(None),
         }
+    }
+
+    /// Reports pending work and store latency to `observers` (the latest service's).
+    pub(crate) fn observe(&self, observers: Arc<Observers>) {
+        *self.observers.lock().unwrap_or_else(|p| p.into_inner()) = Some(observers);
+    }
+
+    fn observers(&self) -> Option<Arc<Observers>> {
+        self.observers.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -132,10 +144,14 @@ impl Background {
             *pending += 1;
         }
         job.next = now;
+        let count = *pending;
         if worker.as_ref().is_none_or(JoinHandle::is_finished) {
             *worker = Some(runtime.spawn(self.clone().run()));
         }
         drop(state);
+        if let Some(observers) = self.observers() {
+            observers.background_pending(count);
+        }
         self.wake.notify_one();
     }
 
@@ -161,6 +177,9 @@ impl Background {
                 if jobs.is_empty() {
                     // Under the lock: a submit after this point starts a new worker.
                     *worker = None;
+                    if let Some(observers) = self.observers() {
+                        observers.background_pending(0);
+                    }
                     return;
                 }
                 let mut due = Vec::new();
@@ -181,10 +200,15 @@ impl Background {
                 let _ = tokio::time::timeout_at(next, self.wake.notified()).await;
                 continue;
             }
+            let observers = self.observers();
             let calls = due.into_iter().map(|(key, token)| {
-                let store = self.store.clone();
+                let (store, observers) = (self.store.clone(), observers.clone());
                 async move {
+                    let started = Instant::now();
                     let answer = tokio::time::timeout(CALL_GUARD, store.release(key.clone(), token.clone())).await;
+                    if let Some(observers) = observers {
+                        observers.store_call("cleanup", started.elapsed(), matches!(answer, Ok(Ok(_))));
+                    }
                     (key, token, answer)
                 }
             });
@@ -247,6 +271,11 @@ impl Background {
                 }
             }
             jobs.retain(|_, job| !job.items.is_empty());
+            let count = *pending;
+            drop(state);
+            if let Some(observers) = &observers {
+                observers.background_pending(count);
+            }
         }
     }
 }

@@ -30,6 +30,7 @@ use super::background::Work;
 use super::lease::Lease;
 use crate::IdempotencyKey;
 use crate::error::Chain;
+use crate::observe::Outcome;
 use crate::settings::StoreErrorPolicy;
 use crate::store::{BoxFuture, ClaimOutcome, ClaimToken, StoreError};
 
@@ -97,8 +98,8 @@ struct AttemptState {
 enum Progress {
     Sending {
         claim: BoxFuture<Result<ClaimOutcome, StoreError>>,
-        /// Polled at least once: the command may have reached the store.
-        sent: bool,
+        /// When it was first polled: from then on the command may have reached the store.
+        sent: Option<Instant>,
     },
     Answered(Result<ClaimOutcome, StoreError>),
 }
@@ -196,7 +197,7 @@ impl Attempt {
             token,
             coalesced,
             state: Mutex::new(AttemptState {
-                progress: Progress::Sending { claim, sent: false },
+                progress: Progress::Sending { claim, sent: None },
                 lease_taken: false,
                 dispatch_taken: false,
             }),
@@ -240,11 +241,17 @@ impl Attempt {
         match answer {
             Ok(ClaimOutcome::Acquired) if !*lease_taken => {
                 *lease_taken = true;
+                let observers = &self.protocol.observers;
+                if self.also.is_some() {
+                    observers.outcome(Outcome::Override);
+                }
+                observers.outcome(Outcome::Claimed);
                 tracing::info!(key = %key, outcome = "claimed", "claimed; dispatching");
                 Decision::Dispatch(Some(self.lease(true)))
             }
             Ok(_) => self.duplicate(),
             Err(error) if settings.store_error_policy == StoreErrorPolicy::FailClosed && !settings.shadow => {
+                self.protocol.observers.outcome(Outcome::FailedClosed);
                 tracing::error!(key = %key, outcome = "store_unavailable", error = %Chain(error), "idempotency store error; failing closed, nothing dispatched");
                 settings.reporter.store_error(&self.full_key, error, true);
                 Decision::Unavailable(error.clone())
@@ -258,6 +265,11 @@ impl Attempt {
                     *lease_taken = true;
                     self.lease(false)
                 });
+                self.protocol.observers.outcome(if settings.shadow {
+                    Outcome::ShadowWouldSkip
+                } else {
+                    Outcome::FailedOpen
+                });
                 if settings.shadow {
                     tracing::warn!(key = %key, outcome = "shadow_store_error", shadow = true, error = %Chain(error), "shadow mode: store error would have failed closed; dispatching");
                 } else {
@@ -270,6 +282,11 @@ impl Attempt {
     }
 
     fn duplicate(&self) -> Decision {
+        self.protocol.observers.outcome(if self.protocol.settings.shadow {
+            Outcome::ShadowWouldSkip
+        } else {
+            Outcome::Duplicate
+        });
         if self.protocol.settings.shadow {
             tracing::info!(key = %self.key, outcome = "shadow_duplicate", shadow = true, "shadow mode: would have skipped a duplicate; dispatching");
             Decision::Dispatch(None)
@@ -284,7 +301,7 @@ impl Drop for Attempt {
     fn drop(&mut self) {
         let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         let maybe_landed = match &state.progress {
-            Progress::Sending { sent, .. } => *sent,
+            Progress::Sending { sent, .. } => sent.is_some(),
             Progress::Answered(Ok(ClaimOutcome::Acquired)) => true,
             Progress::Answered(Ok(ClaimOutcome::AlreadyClaimed)) => false,
             Progress::Answered(Err(error)) => error.may_have_applied(),
@@ -368,7 +385,7 @@ impl Claiming {
         let mut state = attempt.lock();
         let mut answered_now = false;
         if let Progress::Sending { claim, sent } = &mut state.progress {
-            *sent = true;
+            let started = *sent.get_or_insert_with(Instant::now);
             let polled = if attempt.coalesced {
                 attempt.wakers.register(self.member, cx.waker());
                 let waker = Waker::from(attempt.wakers.clone());
@@ -379,6 +396,11 @@ impl Claiming {
             let Poll::Ready(answer) = polled else {
                 return Poll::Pending;
             };
+            let operation = if attempt.also.is_some() { "take_over" } else { "claim" };
+            attempt
+                .protocol
+                .observers
+                .store_call(operation, started.elapsed(), answer.is_ok());
             state.progress = Progress::Answered(answer);
             answered_now = true;
         }

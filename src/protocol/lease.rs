@@ -17,6 +17,7 @@ use super::background::Work;
 use crate::IdempotencyKey;
 use crate::classify::Settle;
 use crate::error::Chain;
+use crate::observe::Outcome;
 use crate::settings::LostClaimPolicy;
 use crate::store::{BoxFuture, ClaimToken, StoreError};
 
@@ -93,6 +94,7 @@ impl Drop for Lease {
         if !self.settled {
             tracing::info!(key = %self.key, outcome = "dropped", "dropped while the job ran; claim kept until its TTL");
         }
+        self.protocol.observers.hold(self.acquired_at.elapsed());
     }
 }
 
@@ -133,10 +135,12 @@ impl Running {
         let settings = &lease.protocol.settings;
         match end {
             RenewalEnd::MaxHold => {
+                lease.protocol.observers.outcome(Outcome::MaxHold);
                 tracing::warn!(key = %lease.key, outcome = "max_hold", max_hold = ?settings.max_hold(), "maximum hold reached; renewal stopped, the claim expires within its TTL");
                 Poll::Pending
             }
             RenewalEnd::Lost => {
+                lease.protocol.observers.outcome(Outcome::LeaseLost);
                 tracing::error!(key = %lease.key, outcome = "claim_lost", "claim lost while the job ran; another trigger may dispatch");
                 settings.reporter.claim_lost(&lease.full_key);
                 if settings.lost_claim == LostClaimPolicy::Abort {
@@ -161,12 +165,15 @@ impl Running {
             Settle::Release => {
                 let lease = self.lease;
                 let store = lease.protocol.settings.store.clone();
+                let observers = lease.protocol.observers.clone();
                 let (key, also, token) = (lease.full_key.clone(), lease.also.clone(), lease.token.clone());
                 let release: BoxFuture<Result<bool, StoreError>> = Box::pin(async move {
-                    let released = store.clone().release(key, token.clone()).await?;
+                    let released = observers
+                        .timed("release", store.clone().release(key, token.clone()))
+                        .await?;
                     if let Some(also) = also {
                         // The taken-over key goes too, if it is still ours.
-                        store.release(also, token).await?;
+                        observers.timed("release", store.release(also, token)).await?;
                     }
                     Ok(released)
                 });
@@ -205,11 +212,11 @@ impl Renewal {
             }
             self.sent_at = now;
             let settings = &lease.protocol.settings;
-            self.in_flight = Some(settings.store.clone().renew(
-                lease.full_key.clone(),
-                lease.token.clone(),
-                settings.ttl,
-            ));
+            let renew = settings
+                .store
+                .clone()
+                .renew(lease.full_key.clone(), lease.token.clone(), settings.ttl);
+            self.in_flight = Some(lease.protocol.observers.timed("renew", renew));
         }
     }
 }
@@ -231,6 +238,11 @@ impl Releasing {
             return Poll::Ready(Ok(()));
         };
         lease.settled = true;
+        lease.protocol.observers.outcome(if answer.is_ok() {
+            Outcome::Released
+        } else {
+            Outcome::ReleaseFailed
+        });
         match answer {
             Ok(true) => tracing::info!(key = %lease.key, outcome = "released", "blocked; claim released"),
             Ok(false) => {

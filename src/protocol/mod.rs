@@ -24,6 +24,7 @@ pub(crate) use claim::{Claiming, Coalescer, Decision};
 pub(crate) use lease::{Lease, Releasing, Running};
 
 use crate::IdempotencyKey;
+use crate::observe::Observers;
 use crate::settings::{ConfigError, Settings};
 use crate::store::ClaimToken;
 
@@ -32,6 +33,8 @@ use crate::store::ClaimToken;
 #[derive(Debug)]
 pub(crate) struct Protocol {
     pub(crate) settings: Settings,
+    /// The settings' observers, with metric handles registered when the service was made.
+    pub(crate) observers: Arc<Observers>,
     /// Why the settings cannot work, when the layer was used without `build()`: every call is
     /// refused with this instead of running with them.
     pub(crate) invalid: Option<ConfigError>,
@@ -43,7 +46,15 @@ impl Protocol {
         if let Some(error) = &invalid {
             tracing::error!(error = %error, "idempotency layer has invalid settings; every call will be refused (call `build()` to catch this at startup)");
         }
-        Arc::new(Self { settings, invalid })
+        let mut observers = settings.observers.clone();
+        observers.bind();
+        let observers = Arc::new(observers);
+        settings.background.observe(observers.clone());
+        Arc::new(Self {
+            settings,
+            observers,
+            invalid,
+        })
     }
 
     /// The key as stored: the namespace plus the key.
