@@ -165,6 +165,7 @@ pub fn describe_metrics() {
 }
 
 /// Every outcome, in declaration order (indexes the cached counters).
+#[cfg(feature = "metrics")]
 const ALL_OUTCOMES: [Outcome; 10] = [
     Outcome::Claimed,
     Outcome::Duplicate,
@@ -179,6 +180,7 @@ const ALL_OUTCOMES: [Outcome; 10] = [
 ];
 
 /// The store operations timed.
+#[cfg(feature = "metrics")]
 const OPERATIONS: [&str; 5] = ["claim", "release", "renew", "take_over", "cleanup"];
 
 /// Metric handles registered once per service (when the layer makes it), so the request path

@@ -23,8 +23,11 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-/// `name{labels}` → value, for every metric the recorder saw.
-fn snapshot(recorder: &metrics_util::debugging::Snapshotter) -> Vec<(String, Vec<(String, String)>, DebugValue)> {
+/// One metric the recorder saw: name, labels, value.
+type Seen = (String, Vec<(String, String)>, DebugValue);
+
+/// Every metric the recorder saw.
+fn snapshot(recorder: &metrics_util::debugging::Snapshotter) -> Vec<Seen> {
     recorder
         .snapshot()
         .into_vec()
@@ -40,11 +43,7 @@ fn snapshot(recorder: &metrics_util::debugging::Snapshotter) -> Vec<(String, Vec
         .collect()
 }
 
-fn find<'a>(
-    metrics: &'a [(String, Vec<(String, String)>, DebugValue)],
-    name: &str,
-    labels: &[(&str, &str)],
-) -> Option<&'a DebugValue> {
+fn find<'a>(metrics: &'a [Seen], name: &str, labels: &[(&str, &str)]) -> Option<&'a DebugValue> {
     metrics
         .iter()
         .find(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v)))
