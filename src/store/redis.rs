@@ -124,6 +124,25 @@ pub(crate) fn redact_password(url: &str) -> String {
     }
 }
 
+/// Runs `connecting` within four times the store's `timeout` (refused when zero or over an
+/// hour), with its errors as [`StoreError`]s of the `connect` operation.
+pub(crate) async fn connect_within<C>(
+    timeout: Duration,
+    connecting: impl Future<Output = Result<C, RedisError>>,
+) -> Result<C, StoreError> {
+    let limit = super::validate_timeout(timeout)?;
+    tokio::time::timeout(limit, connecting)
+        .await
+        .map_err(|_| StoreError::Timeout {
+            operation: "connect",
+            after: limit,
+        })?
+        .map_err(|source| StoreError::Redis {
+            operation: "connect",
+            source,
+        })
+}
+
 impl RedisStoreBuilder {
     /// Bound on every Redis call (claim, release, renew), including waiting for a reconnect.
     /// Default [`DEFAULT_TIMEOUT`].
@@ -161,18 +180,8 @@ impl RedisStoreBuilder {
     /// Connects now; fails if Redis cannot be reached within four times the timeout, and
     /// refuses a zero timeout or one over an hour ([`StoreError::InvalidSetting`]).
     pub async fn connect(self) -> Result<RedisStore, StoreError> {
-        let limit = super::validate_timeout(self.timeout)?;
         let (client, config) = self.client_and_config()?;
-        let conn = tokio::time::timeout(limit, ConnectionManager::new_with_config(client, config))
-            .await
-            .map_err(|_| StoreError::Timeout {
-                operation: "connect",
-                after: limit,
-            })?
-            .map_err(|source| StoreError::Redis {
-                operation: "connect",
-                source,
-            })?;
+        let conn = connect_within(self.timeout, ConnectionManager::new_with_config(client, config)).await?;
         Ok(RedisStore::from_connection(conn).with_timeout(self.timeout))
     }
 

@@ -16,7 +16,7 @@ use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 
 use super::StoreError;
-use super::redis::{DEFAULT_TIMEOUT, RedisStore, redact_password};
+use super::redis::{DEFAULT_TIMEOUT, RedisStore, connect_within, redact_password};
 
 /// Builds a [`RedisStore`] over a Redis Cluster connection. See [`RedisStore::cluster_builder`].
 #[derive(Clone)]
@@ -71,18 +71,9 @@ impl RedisClusterStoreBuilder {
     /// Connects to the cluster now (reads its slot map); fails if no node answers within four
     /// times the timeout.
     pub async fn connect(self) -> Result<RedisStore<ClusterConnection>, StoreError> {
-        let limit = super::validate_timeout(self.timeout)?;
+        super::validate_timeout(self.timeout)?;
         let client = self.client()?;
-        let conn = tokio::time::timeout(limit, client.get_async_connection())
-            .await
-            .map_err(|_| StoreError::Timeout {
-                operation: "connect",
-                after: limit,
-            })?
-            .map_err(|source| StoreError::Redis {
-                operation: "connect",
-                source,
-            })?;
+        let conn = connect_within(self.timeout, client.get_async_connection()).await?;
         Ok(RedisStore::from_connection(conn).with_timeout(self.timeout))
     }
 }
