@@ -118,6 +118,7 @@
 //! # let _ = app; Ok(()) }
 //! ```
 
+mod body;
 mod classify;
 mod extract;
 mod future;
@@ -128,6 +129,7 @@ mod service;
 mod signature;
 mod webhook;
 
+pub use body::{ReplayBody, ResponseBody};
 pub use classify::{Blocked, HttpClassifier};
 pub use extract::{ExtractError, HeaderKey, HttpKeyExtractor};
 pub use future::ResponseFuture;
