@@ -135,7 +135,10 @@ where
         async move {
             calls.hit();
             let body = req.into_body().collect().await.map_err(Into::into)?.to_bytes();
-            let answer = format!("dispatched: the job for this order is on its way: {}", String::from_utf8_lossy(&body));
+            let answer = format!(
+                "dispatched: the job for this order is on its way: {}",
+                String::from_utf8_lossy(&body)
+            );
             Ok::<_, BoxError>(Response::new(Full::new(Bytes::from(answer))))
         }
     })
@@ -176,7 +179,10 @@ async fn plain_hyper_server_over_incoming_dispatches_once_then_answers_409() {
     let (status, headers, body) = send(addr, post(addr, "order-1", b"job")).await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(headers["idempotency-status"], "duplicate");
-    assert!(String::from_utf8_lossy(&body).contains(r#""status":"duplicate""#), "{body:?}");
+    assert!(
+        String::from_utf8_lossy(&body).contains(r#""status":"duplicate""#),
+        "{body:?}"
+    );
     assert_eq!(calls.get(), 1, "the same key dispatched twice");
     assert_eq!(keys_in(&server), "1");
 }
@@ -205,7 +211,10 @@ async fn behind_compression_the_response_and_a_duplicates_answer_are_gzipped_and
     let calls = Calls::default();
     let svc = ServiceBuilder::new()
         .layer(CompressionLayer::new())
-        .layer(HttpIdempotencyLayer::new(store(&server).await, HeaderKey::idempotency_key()))
+        .layer(HttpIdempotencyLayer::new(
+            store(&server).await,
+            HeaderKey::idempotency_key(),
+        ))
         .service(dispatcher::<ReplayBody<Incoming>>(calls.clone()));
     let addr = serve(svc).await;
 
@@ -229,7 +238,10 @@ async fn body_limit_outside_refuses_a_declared_oversize_body_with_413_before_any
     let calls = Calls::default();
     let svc = ServiceBuilder::new()
         .layer(RequestBodyLimitLayer::new(LIMIT))
-        .layer(HttpIdempotencyLayer::new(store(&server).await, HeaderKey::idempotency_key()))
+        .layer(HttpIdempotencyLayer::new(
+            store(&server).await,
+            HeaderKey::idempotency_key(),
+        ))
         .service(dispatcher(calls.clone()));
     let addr = serve(svc).await;
 
@@ -258,7 +270,10 @@ async fn body_limit_outside_stops_a_streamed_oversize_body_while_the_key_is_read
     let (status, _, body) = send(addr, post_chunked(addr, vec![b"order-5\n", &[b'x'; LIMIT]])).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body:?}");
     // Our layer's own 413 (tower-http could not know the size before the body was read).
-    assert!(String::from_utf8_lossy(&body).contains("larger than the limit"), "{body:?}");
+    assert!(
+        String::from_utf8_lossy(&body).contains("larger than the limit"),
+        "{body:?}"
+    );
     assert_eq!(keys_in(&server), "0", "an oversize request took a claim");
     assert_eq!(calls.get(), 0);
 
@@ -272,7 +287,10 @@ async fn body_limit_inside_answers_413_and_the_claim_is_released() {
     let server = RedisServer::start();
     let calls = Calls::default();
     let svc = ServiceBuilder::new()
-        .layer(HttpIdempotencyLayer::new(store(&server).await, HeaderKey::idempotency_key()))
+        .layer(HttpIdempotencyLayer::new(
+            store(&server).await,
+            HeaderKey::idempotency_key(),
+        ))
         .layer(RequestBodyLimitLayer::new(LIMIT))
         .service(dispatcher(calls.clone()));
     let addr = serve(svc).await;

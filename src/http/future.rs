@@ -323,7 +323,14 @@ where
                         Ok(collected) => {
                             let bytes = collected.to_bytes();
                             match reject(this.front, &mut parts, &bytes) {
-                                Ok(claim) => proceed(this.front, pending, parts, Either::Right(Full::new(bytes)), claim, this.protocol),
+                                Ok(claim) => proceed(
+                                    this.front,
+                                    pending,
+                                    parts,
+                                    Either::Right(Full::new(bytes)),
+                                    claim,
+                                    this.protocol,
+                                ),
                                 Err(rejection) => State::Answered {
                                     response: Some(rejection),
                                 },
