@@ -49,7 +49,8 @@ impl<X: HttpKeyExtractor, V: VerifyRequest, R> Front<X, V, R> {
 ///
 /// ```
 /// use std::convert::Infallible;
-/// /// use http::{Request, Response, StatusCode};
+/// use bytes::Bytes;
+/// use http::{Request, Response, StatusCode};
 /// use http_body_util::Full;
 /// use tower::{Layer, ServiceExt};
 /// use tower_idempotency::MemoryStore;
