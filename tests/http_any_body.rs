@@ -99,12 +99,12 @@ fn post(addr: SocketAddr, key: &str, body: &'static [u8]) -> Request<Full<Bytes>
         .expect("valid request")
 }
 
+/// A body streamed frame by frame, with no size hint.
+type Chunked = StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
+
 /// A POST whose body is streamed in `chunks` of unknown total length (sent chunked, no
 /// `content-length`), so a limit can only be found by reading it.
-fn post_chunked(
-    addr: SocketAddr,
-    chunks: Vec<&'static [u8]>,
-) -> Request<StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>> {
+fn post_chunked(addr: SocketAddr, chunks: Vec<&'static [u8]>) -> Request<Chunked> {
     let frames: Vec<Result<Frame<Bytes>, Infallible>> = chunks
         .into_iter()
         .map(|chunk| Ok(Frame::data(Bytes::from_static(chunk))))
