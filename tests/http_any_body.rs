@@ -22,7 +22,7 @@ use hyper_util::service::TowerToHyperService;
 use tower::{Layer, Service, ServiceBuilder};
 use tower_http::compression::CompressionLayer;
 use tower_http::limit::RequestBodyLimitLayer;
-use tower_idempotency::http::{HeaderKey, HttpIdempotencyLayer, ReplayBody};
+use tower_idempotency::http::{HeaderKey, HttpIdempotencyLayer, ReplayBody, ResponseBody};
 use tower_idempotency::{IdempotencyKey, KeyError, RedisStore};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -143,6 +143,15 @@ where
         }
     })
 }
+
+/// Compile-time: both bodies are `Body<Data = Bytes>` with a boxed error, `Send + 'static`, over
+/// hyper's body as over a handler's `Full<Bytes>`: what hyper, axum and tower-http's layers take.
+const _: fn() = || {
+    fn fits<B: Body<Data = Bytes, Error = BoxError> + Send + 'static>() {}
+    fits::<ReplayBody<Incoming>>();
+    fits::<ResponseBody<Full<Bytes>>>();
+    fits::<ResponseBody<ReplayBody<Incoming>>>();
+};
 
 fn gunzip(body: &[u8]) -> String {
     let mut text = String::new();
