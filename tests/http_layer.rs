@@ -20,7 +20,8 @@ use http::request::Parts;
 use http_body_util::Full;
 use tower::{Layer, ServiceExt};
 use tower_idempotency::http::{
-    Blocked, HeaderKey, HttpClassifier, HttpIdempotencyLayer, HttpKeyExtractor, JsonResponses, ShortCircuitResponse,
+    Blocked, HeaderKey, HttpClassifier, HttpIdempotencyLayer, HttpKeyExtractor, JsonResponses, ReplayBody,
+    ShortCircuitResponse,
 };
 use tower_idempotency::{IdempotencyKey, KeyError, LostClaimPolicy, RedisStore};
 use webhook_support::status_and_body;
@@ -57,7 +58,8 @@ async fn echo(
 fn app<L>(layer: L, calls: &Calls) -> Router
 where
     L: Layer<axum::routing::Route> + Clone + Send + Sync + 'static,
-    L::Service: tower::Service<Request<Body>, Response = Response, Error = Infallible> + Clone + Send + Sync + 'static,
+    L::Service: tower::Service<Request<Body>, Error = Infallible> + Clone + Send + Sync + 'static,
+    <L::Service as tower::Service<Request<Body>>>::Response: IntoResponse + 'static,
     <L::Service as tower::Service<Request<Body>>>::Future: Send + 'static,
 {
     Router::new()
@@ -336,7 +338,7 @@ struct QueueDown;
 async fn the_inner_error_type_is_untouched() {
     let server = RedisServer::start();
     let layer = HttpIdempotencyLayer::new(store(&server).await, HeaderKey::idempotency_key());
-    let svc = layer.layer(tower::service_fn(|_req: Request<Full<Bytes>>| async {
+    let svc = layer.layer(tower::service_fn(|_req: Request<ReplayBody<Full<Bytes>>>| async {
         Err::<http::Response<Full<Bytes>>, QueueDown>(QueueDown)
     }));
     let req = || {

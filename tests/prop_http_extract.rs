@@ -15,7 +15,7 @@ use axum::http::{HeaderValue, Request, Response, StatusCode};
 use proptest::prelude::*;
 use tower::{Layer, ServiceExt};
 use tower_idempotency::http::{
-    AllEvents, ExtractError, GitHubDispatchKey, HeaderKey, HttpIdempotencyLayer, HttpKeyExtractor,
+    AllEvents, ExtractError, GitHubDispatchKey, HeaderKey, HttpIdempotencyLayer, HttpKeyExtractor, ReplayBody,
 };
 use tower_idempotency::{IdempotencyKey, MAX_KEY_LEN, MemoryStore};
 
@@ -34,7 +34,7 @@ fn through_layer<X: HttpKeyExtractor + Clone + Send + Sync + 'static>(
 ) -> (StatusCode, bool) {
     let called = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = called.clone();
-    let handler = tower::service_fn(move |_req: Request<Body>| {
+    let handler = tower::service_fn(move |_req: Request<ReplayBody<Body>>| {
         flag.store(true, std::sync::atomic::Ordering::SeqCst);
         async {
             Ok::<_, Infallible>(

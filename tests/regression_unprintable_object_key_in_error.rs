@@ -11,7 +11,7 @@ use axum::http::{Request, Response, StatusCode};
 use tower::{Layer, ServiceExt};
 use tower_idempotency::MemoryStore;
 use tower_idempotency::http::{
-    ExtractError, GitHubDispatchKey, GitLabDispatchKey, HttpIdempotencyLayer, HttpKeyExtractor,
+    ExtractError, GitHubDispatchKey, GitLabDispatchKey, HttpIdempotencyLayer, HttpKeyExtractor, ReplayBody,
 };
 
 /// The fuzzer's minimized input: an unterminated object whose only key is DEL.
@@ -65,7 +65,7 @@ fn object_keys_in_the_error_path_are_escaped() {
 
 #[tokio::test]
 async fn the_400_body_of_the_minimized_input_is_printable_and_the_handler_is_not_called() {
-    let handler = tower::service_fn(|_req: Request<Body>| async {
+    let handler = tower::service_fn(|_req: Request<ReplayBody<Body>>| async {
         panic!("the handler must not run for a malformed payload");
         #[allow(unreachable_code)]
         Ok::<Response<Body>, Infallible>(Response::new(Body::empty()))
@@ -77,7 +77,9 @@ async fn the_400_body_of_the_minimized_input_is_printable_and_the_handler_is_not
         .unwrap();
     let response = service.oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
-    let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+    let body = axum::body::to_bytes(Body::new(response.into_body()), usize::MAX)
+        .await
+        .unwrap();
     let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
     let message = json["error"].as_str().unwrap();
     assert!(

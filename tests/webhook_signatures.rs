@@ -41,11 +41,8 @@ fn merge_request() -> Vec<u8> {
 fn router<L>(layer: L, calls: &Calls) -> Router
 where
     L: tower::Layer<axum::routing::Route> + Clone + Send + Sync + 'static,
-    L::Service: tower::Service<Request<Body>, Response = axum::response::Response, Error = std::convert::Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
+    L::Service: tower::Service<Request<Body>, Error = std::convert::Infallible> + Clone + Send + Sync + 'static,
+    <L::Service as tower::Service<Request<Body>>>::Response: axum::response::IntoResponse + 'static,
     <L::Service as tower::Service<Request<Body>>>::Future: Send + 'static,
 {
     Router::new()

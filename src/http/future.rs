@@ -12,10 +12,11 @@ use http::request::Parts;
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::combinators::Collect;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use pin_project::pin_project;
 use tower::Service;
 
+use super::body::{ReplayBody, ResponseBody};
 use super::extract::ExtractError;
 use super::pre_claim::{PreClaim, PreClaimFuture};
 use super::service::Front;
@@ -36,11 +37,15 @@ use crate::{ClassifyOutcome, IdempotencyError, IdempotencyKey};
 /// directly: claim, call the handler, keep or release) → response. A short-circuit at any step ends in `Answered`. When
 /// neither the extractor nor the verifier reads the body, `Buffering` is skipped.
 ///
+/// The inner service receives the request with a [`ReplayBody`] (the caller's body, or the
+/// buffered bytes); the output's body is a [`ResponseBody`] (the inner service's, or a
+/// short-circuit's).
+///
 /// Dropping it before the claim settles is handled by the core future (see its docs).
 #[pin_project]
 pub struct ResponseFuture<S, B, C, X, V, R>
 where
-    S: Service<Request<B>>,
+    S: Service<Request<ReplayBody<B>>>,
     B: Body,
     B::Error: Into<BoxError>,
 {
@@ -59,7 +64,7 @@ struct Pending<S, C> {
 #[pin_project(project = StateProj)]
 enum State<S, B, C>
 where
-    S: Service<Request<B>>,
+    S: Service<Request<ReplayBody<B>>>,
     B: Body,
     B::Error: Into<BoxError>,
 {
@@ -71,13 +76,13 @@ where
     },
     Checking {
         check: PreClaimFuture,
-        req: Option<Request<B>>,
+        req: Option<Request<ReplayBody<B>>>,
         claim: Option<Claim>,
         pending: Option<Pending<S, C>>,
     },
     Claiming {
         #[pin]
-        fut: crate::ResponseFuture<S, Request<B>, C>,
+        fut: crate::ResponseFuture<S, Request<ReplayBody<B>>, C>,
     },
     Answered {
         response: Option<Response<Bytes>>,
@@ -86,7 +91,7 @@ where
 
 impl<S, B, C, X, V, R> fmt::Debug for ResponseFuture<S, B, C, X, V, R>
 where
-    S: Service<Request<B>>,
+    S: Service<Request<ReplayBody<B>>>,
     B: Body,
     B::Error: Into<BoxError>,
 {
@@ -105,7 +110,7 @@ where
 
 impl<S, B, C, X, V, R> ResponseFuture<S, B, C, X, V, R>
 where
-    S: Service<Request<B>>,
+    S: Service<Request<ReplayBody<B>>>,
     B: Body,
     B::Error: Into<BoxError>,
     X: HttpKeyExtractor,
@@ -136,7 +141,7 @@ where
             }
         } else if !front.needs_body() {
             match reject(&front, &mut parts, &Bytes::new()) {
-                Ok(claim) => proceed(&front, pending, parts, body, claim, &protocol),
+                Ok(claim) => proceed(&front, pending, parts, Either::Left(body), claim, &protocol),
                 Err(rejection) => State::Answered {
                     response: Some(rejection),
                 },
@@ -163,12 +168,12 @@ where
 /// protocol directly.
 fn start<S, B, C>(
     pending: Pending<S, C>,
-    req: Request<B>,
+    req: Request<ReplayBody<B>>,
     claim: Option<Claim>,
     protocol: &Arc<Protocol>,
 ) -> State<S, B, C>
 where
-    S: Service<Request<B>>,
+    S: Service<Request<ReplayBody<B>>>,
     B: Body,
     B::Error: Into<BoxError>,
 {
@@ -188,12 +193,12 @@ fn proceed<S, B, C, X, V, R>(
     front: &Front<X, V, R>,
     pending: Pending<S, C>,
     parts: Parts,
-    body: B,
+    body: ReplayBody<B>,
     claim: Option<Claim>,
     protocol: &Arc<Protocol>,
 ) -> State<S, B, C>
 where
-    S: Service<Request<B>>,
+    S: Service<Request<ReplayBody<B>>>,
     B: Body,
     B::Error: Into<BoxError>,
 {
@@ -284,18 +289,22 @@ fn too_large<X, V, R: ShortCircuitResponse>(front: &Front<X, V, R>) -> Response<
     front.responses.too_large(front.body_limit)
 }
 
+/// One of the layer's own answers, as the layered service's response.
+fn short_circuit<ResBody>(response: Response<Bytes>) -> Response<ResponseBody<ResBody>> {
+    response.map(|bytes| Either::Right(Full::new(bytes)))
+}
+
 impl<S, B, C, X, V, R, ResBody> Future for ResponseFuture<S, B, C, X, V, R>
 where
-    S: Service<Request<B>, Response = Response<ResBody>> + Clone,
-    B: Body + From<Bytes>,
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Clone,
+    B: Body,
     B::Error: Into<BoxError>,
-    ResBody: From<Bytes>,
     X: HttpKeyExtractor,
     V: VerifyRequest,
     R: ShortCircuitResponse,
     C: ClassifyOutcome<Response<ResBody>, S::Error> + Clone,
 {
-    type Output = Result<Response<ResBody>, S::Error>;
+    type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
@@ -314,7 +323,14 @@ where
                         Ok(collected) => {
                             let bytes = collected.to_bytes();
                             match reject(this.front, &mut parts, &bytes) {
-                                Ok(claim) => proceed(this.front, pending, parts, B::from(bytes), claim, this.protocol),
+                                Ok(claim) => proceed(
+                                    this.front,
+                                    pending,
+                                    parts,
+                                    Either::Right(Full::new(bytes)),
+                                    claim,
+                                    this.protocol,
+                                ),
                                 Err(rejection) => State::Answered {
                                     response: Some(rejection),
                                 },
@@ -362,24 +378,24 @@ where
                 StateProj::Claiming { fut } => {
                     let responses = &this.front.responses;
                     let response = match ready!(fut.poll(cx)) {
-                        Ok(response) => response,
+                        Ok(response) => return Poll::Ready(Ok(response.map(Either::Left))),
                         Err(IdempotencyError::Inner(error)) => return Poll::Ready(Err(error)),
-                        Err(IdempotencyError::Duplicate { key }) => responses.duplicate(&key).map(ResBody::from),
-                        Err(IdempotencyError::StoreUnavailable { .. }) => responses.unavailable().map(ResBody::from),
-                        Err(IdempotencyError::ClaimLost { key }) => responses.claim_lost(&key).map(ResBody::from),
-                        Err(IdempotencyError::InvalidKey { source }) => responses.invalid(&*source).map(ResBody::from),
+                        Err(IdempotencyError::Duplicate { key }) => responses.duplicate(&key),
+                        Err(IdempotencyError::StoreUnavailable { .. }) => responses.unavailable(),
+                        Err(IdempotencyError::ClaimLost { key }) => responses.claim_lost(&key),
+                        Err(IdempotencyError::InvalidKey { source }) => responses.invalid(&*source),
                         // The job was blocked (the handler's own answer is gone with the error);
                         // its claim still stands until the background release succeeds.
-                        Err(IdempotencyError::ReleaseFailed { .. }) => responses.unavailable().map(ResBody::from),
-                        Err(IdempotencyError::Misconfigured { .. }) => responses.unavailable().map(ResBody::from),
+                        Err(IdempotencyError::ReleaseFailed { .. }) => responses.unavailable(),
+                        Err(IdempotencyError::Misconfigured { .. }) => responses.unavailable(),
                     };
-                    return Poll::Ready(Ok(response));
+                    return Poll::Ready(Ok(short_circuit(response)));
                 }
                 StateProj::Answered { response } => {
                     let Some(response) = response.take() else {
                         polled_after_completion()
                     };
-                    return Poll::Ready(Ok(response.map(ResBody::from)));
+                    return Poll::Ready(Ok(short_circuit(response)));
                 }
             }
         }

@@ -30,8 +30,10 @@ pub const DEFAULT_BODY_LIMIT: usize = 25 * 1024 * 1024;
 /// [`DEFAULT_BODY_LIMIT`], and the core defaults (TTL 300 s, no namespace, fail closed). The
 /// core's `with_*` settings are all here too; [`build`](Self::build) checks them.
 ///
-/// The wrapped service must take and return bodies that can be made from
-/// [`Bytes`](bytes::Bytes) (`axum::body::Body` and `http_body_util::Full<Bytes>` can).
+/// Any request body is taken, as with tower-http's layers: the wrapped service receives it as a
+/// [`ReplayBody`](super::ReplayBody) (the body as sent, or the bytes the layer buffered), and
+/// its response body comes back as a [`ResponseBody`](super::ResponseBody) (its own, or a
+/// short-circuit's).
 ///
 /// ```
 /// use std::time::Duration;

@@ -20,6 +20,11 @@
 //!   type), and the inner service receives the identical bytes. The claimed
 //!   [`IdempotencyKey`](crate::IdempotencyKey) is put into the request's extensions for the
 //!   handler.
+//! - Any body, the way tower-http's middleware takes it: the inner service receives a
+//!   [`ReplayBody<B>`] (the request's own body, or the bytes the layer buffered), the layered
+//!   service answers a [`ResponseBody<ResBody>`] (the handler's body, or a short-circuit's), so the
+//!   layer runs in axum routers, under a plain hyper server over `hyper::body::Incoming`, and next
+//!   to tower-http's layers.
 //! - Key extractors: [`HeaderKey`] (`Idempotency-Key`, `X-GitHub-Delivery`, GitLab's
 //!   `Idempotency-Key`, any header; never on `GET`/`HEAD`/`OPTIONS`, and scoped by method and
 //!   path), [`GitHubDispatchKey`] and [`GitLabDispatchKey`] (repository, pull/merge request, head
@@ -118,6 +123,7 @@
 //! # let _ = app; Ok(()) }
 //! ```
 
+mod body;
 mod classify;
 mod extract;
 mod future;
@@ -128,6 +134,7 @@ mod service;
 mod signature;
 mod webhook;
 
+pub use body::{ReplayBody, ResponseBody};
 pub use classify::{Blocked, HttpClassifier};
 pub use extract::{ExtractError, HeaderKey, HttpKeyExtractor};
 pub use future::ResponseFuture;

@@ -5,11 +5,11 @@ use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
 use tower::Service;
 
+use super::body::{ReplayBody, ResponseBody};
 use super::classify::HttpClassifier;
 use super::future::ResponseFuture;
 use super::response::JsonResponses;
@@ -38,6 +38,15 @@ impl<X: HttpKeyExtractor, V: VerifyRequest, R> Front<X, V, R> {
 ///
 /// Its error is the inner service's error: every short-circuit is a response.
 ///
+/// Like tower-http's middleware it takes any request body `B` ([`http_body::Body`], e.g.
+/// `hyper::body::Incoming` or `axum::body::Body`): the inner service receives a
+/// `Request<`[`ReplayBody<B>`](super::ReplayBody)`>` (the body as sent, or the bytes the layer
+/// buffered to read the key or check the signature), and the layered service answers a
+/// `Response<`[`ResponseBody<ResBody>`](super::ResponseBody)`>` (the inner service's body, or a
+/// short-circuit's bytes). Both are `Body<Data = Bytes>` with a boxed error when `B` and
+/// `ResBody` are `Body<Data = Bytes>`, so the layer fits axum routers, hyper servers and
+/// tower-http's layers.
+///
 /// ```
 /// use std::convert::Infallible;
 /// use bytes::Bytes;
@@ -45,17 +54,17 @@ impl<X: HttpKeyExtractor, V: VerifyRequest, R> Front<X, V, R> {
 /// use http_body_util::Full;
 /// use tower::{Layer, ServiceExt};
 /// use tower_idempotency::MemoryStore;
-/// use tower_idempotency::http::{HeaderKey, HttpIdempotencyLayer};
+/// use tower_idempotency::http::{HeaderKey, HttpIdempotencyLayer, ReplayBody, ResponseBody};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// let layer = HttpIdempotencyLayer::new(MemoryStore::new(), HeaderKey::idempotency_key());
-/// let svc = layer.layer(tower::service_fn(|_req: Request<Full<Bytes>>| async {
+/// let svc = layer.layer(tower::service_fn(|_req: Request<ReplayBody<Full<Bytes>>>| async {
 ///     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"done"))))
 /// }));
 /// let req = || Request::post("/").header("idempotency-key", "k1").body(Full::new(Bytes::new())).unwrap();
 /// assert_eq!(svc.clone().oneshot(req()).await.unwrap().status(), StatusCode::OK);
 /// // The error type is still `Infallible`: a duplicate is a response.
-/// let dup: Result<Response<Full<Bytes>>, Infallible> = svc.oneshot(req()).await;
+/// let dup: Result<Response<ResponseBody<Full<Bytes>>>, Infallible> = svc.oneshot(req()).await;
 /// assert_eq!(dup.unwrap().status(), StatusCode::CONFLICT);
 /// # }
 /// ```
@@ -122,16 +131,15 @@ impl<S, X, V, C, R> HttpIdempotency<S, X, V, C, R> {
 
 impl<S, X, V, C, R, B, ResBody> Service<Request<B>> for HttpIdempotency<S, X, V, C, R>
 where
-    S: Service<Request<B>, Response = Response<ResBody>> + Clone,
-    B: Body + From<Bytes>,
+    S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Clone,
+    B: Body,
     B::Error: Into<BoxError>,
-    ResBody: From<Bytes>,
     X: HttpKeyExtractor,
     V: VerifyRequest,
     R: ShortCircuitResponse,
     C: ClassifyOutcome<Response<ResBody>, S::Error> + Clone,
 {
-    type Response = Response<ResBody>;
+    type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
     type Future = ResponseFuture<S, B, C, X, V, R>;
 
