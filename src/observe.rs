@@ -308,7 +308,7 @@ impl Observers {
     ) -> crate::store::BoxFuture<Result<T, crate::StoreError>> {
         let observers = self.clone();
         Box::pin(async move {
-            let started = tokio::time::Instant::now();
+            let started = std::time::Instant::now();
             let answer = fut.await;
             observers.store_call(operation, started.elapsed(), answer.is_ok());
             answer

@@ -72,7 +72,7 @@ async fn a_dispatching_event_is_202_and_one_xadd_with_the_documented_fields() {
 
     let (status, body) = send(
         &app,
-        github_delivery("pull_request", "delivery-1", review_requested(2, SHA)),
+        github_delivery("check_suite", "delivery-1", check_suite("completed", "success", 2, SHA)),
     )
     .await;
     assert_eq!(status, 202);
@@ -91,7 +91,7 @@ async fn a_dispatching_event_is_202_and_one_xadd_with_the_documented_fields() {
                 "sha",
                 SHA,
                 "event",
-                "pull_request",
+                "check_suite",
                 "delivery",
                 "delivery-1"
             ]
@@ -464,11 +464,11 @@ async fn twenty_concurrent_deliveries_at_capacity_five_are_exactly_five_202_and_
     let tasks: Vec<_> = (1..=20u64)
         .map(|pr| {
             tokio::spawn(async move {
-                let body = review_requested(pr, SHA);
+                let body = check_suite("completed", "success", pr, SHA);
                 let delivery = format!("d-{pr}");
                 let headers = [
                     ("content-type", "application/json"),
-                    ("x-github-event", "pull_request"),
+                    ("x-github-event", "check_suite"),
                     ("x-github-delivery", delivery.as_str()),
                 ];
                 (pr, post(addr, "/webhooks/github", &headers, body.as_bytes()).await)
@@ -638,10 +638,10 @@ async fn a_worker_key_in_mixed_case_and_a_webhook_in_lower_case_are_one_claim() 
     assert_eq!(worker.call(job).await.unwrap(), "dispatched");
 
     // The webhook carries `Codertocat/Hello-World`: the same claim, so a duplicate.
-    let body = review_requested(2, SHA);
+    let body = check_suite("completed", "success", 2, SHA);
     let headers = [
         ("content-type", "application/json"),
-        ("x-github-event", "pull_request"),
+        ("x-github-event", "check_suite"),
         ("x-github-delivery", "d-1"),
     ];
     let response = post(addr, "/webhooks/github", &headers, body.as_bytes()).await;
@@ -654,7 +654,7 @@ async fn a_worker_key_in_mixed_case_and_a_webhook_in_lower_case_are_one_claim() 
     assert_eq!(server.cli(&["XLEN", "reviews"]).trim(), "0", "one review, the worker's");
 
     // And the other way round: the webhook first, then a worker spelling it differently.
-    let body = review_requested(3, SHA);
+    let body = check_suite("completed", "success", 3, SHA);
     assert_eq!(
         post(addr, "/webhooks/github", &headers, body.as_bytes()).await.status,
         202

@@ -13,19 +13,18 @@
 //!
 //! 1. The layer sees `Task<ReviewJob>` (the decoded job in `task.args`, apalis's execution
 //!    context behind it), and its inner service's error is apalis's
-//!    `BoxDynError = Box<dyn Error + Send + Sync>`. So `IdempotencyLayer`'s error is
-//!    `IdempotencyError<BoxDynError>`, which is not a `std::error::Error` (a boxed `dyn Error` is
-//!    not one itself), and the worker's bound `Error: Into<BoxDynError>` fails:
-//!    "`(dyn StdError + Send + Sync + 'static): Sized` [...] which is required by
-//!    `IdempotencyError<Box<dyn StdError + Send + Sync>>: Into<Box<dyn StdError + Send + Sync>>`".
+//!    `BoxDynError = Box<dyn Error + Send + Sync>`. `IdempotencyError<BoxDynError>` is an
+//!    `Error` (its `Display` shows the inner cause), so the worker's bound
+//!    `Error: Into<BoxDynError>` holds and no error conversion is needed.
 //! 2. A task's status (`Done`, `Failed`, `Killed`) is set by `LifecycleService`, which sits
 //!    *inside* the layer. When the layer short-circuits (duplicate, store unavailable, invalid key)
 //!    the lifecycle service never runs, the status stays what it was when fetched (`Pending`, or
 //!    `Failed` for a retry), and apalis-redis reschedules both: without the adapter a duplicate is
 //!    re-run forever (measured: 957 re-runs of one duplicate task in 5 s, handler never called).
 //!
-//! [`ApalisOutcomeLayer`], added just outside `IdempotencyLayer`, fixes both: it converts the error
-//! and sets the status apalis should record for each short-circuit.
+//! [`ApalisOutcomeLayer`], added just outside `IdempotencyLayer`, fixes the second: it sets the
+//! status apalis should record for each short-circuit. apalis gives a layer no other way to do
+//! that, so this adapter stays; the error passes through unchanged.
 //!
 //! # What happens to a task
 //!
@@ -59,7 +58,6 @@
 //! shares its Redis and namespace.
 #![allow(dead_code)]
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -171,7 +169,7 @@ where
     type Future = Pin<Box<dyn Future<Output = Result<Handled<R>, BoxDynError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxDynError>> {
-        self.inner.poll_ready(cx).map_err(without_inner)
+        self.inner.poll_ready(cx).map_err(into_box)
     }
 
     fn call(&mut self, task: Task<Args>) -> Self::Future {
@@ -207,30 +205,18 @@ where
             ctx.raw_status().store(status);
             match err {
                 IdempotencyError::Duplicate { key } => Ok(Handled::Duplicate { key: key.to_string() }),
-                err => Err(without_inner(err)),
+                err => Err(into_box(err)),
             }
         })
     }
 }
 
-/// `IdempotencyError<BoxDynError>` as a `BoxDynError`. The short-circuit variants carry no inner
-/// error, so they are rebuilt as `IdempotencyError<Infallible>` (an `Error`, source chain kept).
-fn without_inner(err: IdempotencyError<BoxDynError>) -> BoxDynError {
+/// The layer's error as apalis's `BoxDynError`: `IdempotencyError<BoxDynError>` is an `Error`,
+/// so it is boxed as it is (an inner error keeps its own text in `Display`).
+fn into_box(err: IdempotencyError<BoxDynError>) -> BoxDynError {
     match err {
         IdempotencyError::Inner(e) => e,
-        IdempotencyError::Duplicate { key } => Box::new(IdempotencyError::<Infallible>::Duplicate { key }),
-        IdempotencyError::StoreUnavailable { key, source } => {
-            Box::new(IdempotencyError::<Infallible>::StoreUnavailable { key, source })
-        }
-        IdempotencyError::InvalidKey { source } => Box::new(IdempotencyError::<Infallible>::InvalidKey { source }),
-        IdempotencyError::ClaimLost { key } => Box::new(IdempotencyError::<Infallible>::ClaimLost { key }),
-        IdempotencyError::ReleaseFailed { key, source } => {
-            Box::new(IdempotencyError::<Infallible>::ReleaseFailed { key, source })
-        }
-        IdempotencyError::Misconfigured { source } => {
-            Box::new(IdempotencyError::<Infallible>::Misconfigured { source })
-        }
-        other => other.to_string().into(),
+        err => Box::new(err),
     }
 }
 

@@ -19,7 +19,7 @@
 //!   command was never sent, or was refused before reaching the store, leaves nothing behind.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 
@@ -76,7 +76,10 @@ struct Attempt {
     token: ClaimToken,
     coalesced: bool,
     state: Mutex<AttemptState>,
-    wakers: Arc<Wakers>,
+    /// Members still there (coalesced attempts).
+    members: AtomicUsize,
+    /// The next member id.
+    next_member: AtomicU64,
 }
 
 impl std::fmt::Debug for Attempt {
@@ -93,23 +96,30 @@ struct AttemptState {
     lease_taken: bool,
     /// A member dispatched on a store error (fail-open or shadow mode).
     dispatch_taken: bool,
+    /// The waker of the one member that polled while it was alone, so a member joining later
+    /// can hand it to the fan-out.
+    solo: Option<(u64, Waker)>,
+    /// The fan-out, made when a second member polls.
+    fanout: Option<Arc<Wakers>>,
 }
 
 enum Progress {
     Sending {
         claim: BoxFuture<Result<ClaimOutcome, StoreError>>,
         /// When it was first polled: from then on the command may have reached the store.
-        sent: Option<Instant>,
+        sent: Option<std::time::Instant>,
     },
-    Answered(Result<ClaimOutcome, StoreError>),
+    /// The store's answer, and when it came (when an acquired claim's hold starts).
+    Answered(Result<ClaimOutcome, StoreError>, std::time::Instant),
 }
 
-/// The members' wakers; the store call is polled with a waker that wakes them all, so the
-/// answer reaches every member whoever polled last.
+/// The members' wakers, once a second member has polled: the store call is then polled with a
+/// waker that wakes them all, so the answer reaches every member whoever polled last. A caller
+/// alone on its attempt (every uncoalesced caller, most coalesced ones) polls with its own
+/// waker and allocates none of this.
 #[derive(Default)]
 struct Wakers {
     members: Mutex<Vec<(u64, Waker)>>,
-    next: AtomicU64,
 }
 
 impl Wakers {
@@ -149,7 +159,7 @@ impl Attempt {
         full_key: Arc<str>,
         owner: Option<ClaimToken>,
         coalesced: bool,
-    ) -> Arc<Self> {
+    ) -> Self {
         let token = owner.unwrap_or_else(ClaimToken::generate);
         let settings = &protocol.settings;
         let claim = settings
@@ -164,7 +174,7 @@ impl Attempt {
     /// `SET … XX GET`), so later automated triggers are duplicates and the previous holder's
     /// release and renewal fail their token check. A free key is left free: an override never
     /// stops the automated trigger from dispatching once.
-    fn takeover(protocol: &Arc<Protocol>, key: IdempotencyKey, main_key: Arc<str>, identity: &str) -> Arc<Self> {
+    fn takeover(protocol: &Arc<Protocol>, key: IdempotencyKey, main_key: Arc<str>, identity: &str) -> Self {
         let token = ClaimToken::generate();
         let identity_key: Arc<str> = Arc::from(format!("{main_key}:override:{identity}").as_str());
         let (store, ttl) = (protocol.settings.store.clone(), protocol.settings.ttl);
@@ -188,8 +198,8 @@ impl Attempt {
         token: ClaimToken,
         claim: BoxFuture<Result<ClaimOutcome, StoreError>>,
         coalesced: bool,
-    ) -> Arc<Self> {
-        Arc::new(Self {
+    ) -> Self {
+        Self {
             protocol: protocol.clone(),
             key,
             full_key,
@@ -200,19 +210,19 @@ impl Attempt {
                 progress: Progress::Sending { claim, sent: None },
                 lease_taken: false,
                 dispatch_taken: false,
+                solo: None,
+                fanout: None,
             }),
-            wakers: Arc::new(Wakers {
-                members: Mutex::new(Vec::new()),
-                next: AtomicU64::new(1),
-            }),
-        })
+            members: AtomicUsize::new(1),
+            next_member: AtomicU64::new(1),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, AttemptState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lease(&self, confirmed: bool) -> Lease {
+    fn lease(&self, confirmed: bool, acquired_at: std::time::Instant) -> Lease {
         Lease::new(
             self.protocol.clone(),
             self.key.clone(),
@@ -220,6 +230,7 @@ impl Attempt {
             self.also.clone(),
             self.token.clone(),
             confirmed,
+            acquired_at,
         )
     }
 
@@ -229,8 +240,9 @@ impl Attempt {
             progress,
             lease_taken,
             dispatch_taken,
+            ..
         } = state;
-        let Progress::Answered(answer) = progress else {
+        let Progress::Answered(answer, answered_at) = progress else {
             return Decision::Unavailable(StoreError::UnexpectedReply {
                 operation: "claim",
                 reply: "no answer yet".into(),
@@ -247,7 +259,7 @@ impl Attempt {
                 }
                 observers.outcome(Outcome::Claimed);
                 tracing::info!(key = %key, outcome = "claimed", "claimed; dispatching");
-                Decision::Dispatch(Some(self.lease(true)))
+                Decision::Dispatch(Some(self.lease(true, *answered_at)))
             }
             Ok(_) => self.duplicate(),
             Err(error) if settings.store_error_policy == StoreErrorPolicy::FailClosed && !settings.shadow => {
@@ -263,7 +275,7 @@ impl Attempt {
                 // it up under the running job.
                 let lease = (error.may_have_applied() && !*lease_taken).then(|| {
                     *lease_taken = true;
-                    self.lease(false)
+                    self.lease(false, *answered_at)
                 });
                 self.protocol.observers.outcome(if settings.shadow {
                     Outcome::ShadowWouldSkip
@@ -302,9 +314,9 @@ impl Drop for Attempt {
         let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         let maybe_landed = match &state.progress {
             Progress::Sending { sent, .. } => sent.is_some(),
-            Progress::Answered(Ok(ClaimOutcome::Acquired)) => true,
-            Progress::Answered(Ok(ClaimOutcome::AlreadyClaimed)) => false,
-            Progress::Answered(Err(error)) => error.may_have_applied(),
+            Progress::Answered(Ok(ClaimOutcome::Acquired), _) => true,
+            Progress::Answered(Ok(ClaimOutcome::AlreadyClaimed), _) => false,
+            Progress::Answered(Err(error), _) => error.may_have_applied(),
         };
         if maybe_landed && !state.lease_taken {
             tracing::debug!(key = %self.key, outcome = "cleanup", "a claim that may have landed has no holder; removing it in the background");
@@ -326,9 +338,27 @@ impl Drop for Attempt {
     }
 }
 
+/// The attempt a caller belongs to: its own (uncoalesced, no allocation of its own), or one
+/// shared with the concurrent callers of its key.
+enum AttemptRef {
+    Own(Attempt),
+    Shared(Arc<Attempt>),
+}
+
+impl std::ops::Deref for AttemptRef {
+    type Target = Attempt;
+
+    fn deref(&self) -> &Attempt {
+        match self {
+            AttemptRef::Own(attempt) => attempt,
+            AttemptRef::Shared(attempt) => attempt,
+        }
+    }
+}
+
 /// One caller's claim in flight: a member of an attempt. Resolves to a [`Decision`].
 pub(crate) struct Claiming {
-    attempt: Arc<Attempt>,
+    attempt: AttemptRef,
     member: u64,
 }
 
@@ -350,13 +380,13 @@ impl Claiming {
         let full_key = protocol.full_key(&key);
         if let Some(identity) = takeover {
             return Self {
-                attempt: Attempt::takeover(protocol, key, full_key, identity),
+                attempt: AttemptRef::Own(Attempt::takeover(protocol, key, full_key, identity)),
                 member: 0,
             };
         }
         let Some(coalescer) = &protocol.settings.coalescer else {
             return Self {
-                attempt: Attempt::new(protocol, key, full_key, owner, false),
+                attempt: AttemptRef::Own(Attempt::new(protocol, key, full_key, owner, false)),
                 member: 0,
             };
         };
@@ -366,12 +396,19 @@ impl Claiming {
         if let Some(attempt) = inflight.get(&full_key).and_then(Weak::upgrade)
             && owner.as_ref().is_none_or(|owner| *owner == attempt.token)
         {
-            let member = attempt.wakers.next.fetch_add(1, Ordering::Relaxed);
-            return Self { attempt, member };
+            attempt.members.fetch_add(1, Ordering::AcqRel);
+            let member = attempt.next_member.fetch_add(1, Ordering::Relaxed);
+            return Self {
+                attempt: AttemptRef::Shared(attempt),
+                member,
+            };
         }
-        let attempt = Attempt::new(protocol, key, full_key.clone(), owner, true);
+        let attempt = Arc::new(Attempt::new(protocol, key, full_key.clone(), owner, true));
         inflight.insert(full_key, Arc::downgrade(&attempt));
-        Self { attempt, member: 0 }
+        Self {
+            attempt: AttemptRef::Shared(attempt),
+            member: 0,
+        }
     }
 
     /// The key being claimed.
@@ -384,35 +421,54 @@ impl Claiming {
         let attempt = &*self.attempt;
         let mut state = attempt.lock();
         let mut answered_now = false;
-        if let Progress::Sending { claim, sent } = &mut state.progress {
-            let started = *sent.get_or_insert_with(Instant::now);
-            let polled = if attempt.coalesced {
-                attempt.wakers.register(self.member, cx.waker());
-                let waker = Waker::from(attempt.wakers.clone());
-                claim.as_mut().poll(&mut Context::from_waker(&waker))
-            } else {
+        let AttemptState {
+            progress, solo, fanout, ..
+        } = &mut *state;
+        if let Progress::Sending { claim, sent } = progress {
+            let started = *sent.get_or_insert_with(std::time::Instant::now);
+            let alone = fanout.is_none() && attempt.members.load(Ordering::Acquire) <= 1;
+            let polled = if !attempt.coalesced {
                 claim.as_mut().poll(cx)
+            } else if alone {
+                // Remember our waker, so a member joining later can wake us through the fan-out.
+                match solo {
+                    Some((id, w)) if *id == self.member && w.will_wake(cx.waker()) => {}
+                    _ => *solo = Some((self.member, cx.waker().clone())),
+                }
+                claim.as_mut().poll(cx)
+            } else {
+                let wakers = fanout.get_or_insert_with(Arc::default).clone();
+                if let Some((id, waker)) = solo.take() {
+                    wakers.register(id, &waker);
+                }
+                wakers.register(self.member, cx.waker());
+                let waker = Waker::from(wakers);
+                claim.as_mut().poll(&mut Context::from_waker(&waker))
             };
             let Poll::Ready(answer) = polled else {
                 return Poll::Pending;
             };
             let operation = if attempt.also.is_some() { "take_over" } else { "claim" };
+            let now = std::time::Instant::now();
             attempt
                 .protocol
                 .observers
-                .store_call(operation, started.elapsed(), answer.is_ok());
-            state.progress = Progress::Answered(answer);
+                .store_call(operation, now.duration_since(started), answer.is_ok());
+            *progress = Progress::Answered(answer, now);
             answered_now = true;
         }
         let decision = attempt.decide(&mut state);
+        let fanout = state.fanout.clone();
         drop(state);
         if answered_now && attempt.coalesced {
             // Callers from now on go to the store (and find the claim there).
             if let Some(coalescer) = &attempt.protocol.settings.coalescer {
                 coalescer.forget(&attempt.full_key, attempt);
             }
-            attempt.wakers.unregister(self.member);
-            Wake::wake_by_ref(&attempt.wakers);
+            if let Some(wakers) = fanout {
+                wakers.unregister(self.member);
+                Wake::wake_by_ref(&wakers);
+            }
         }
         Poll::Ready(decision)
     }
@@ -421,7 +477,14 @@ impl Claiming {
 impl Drop for Claiming {
     fn drop(&mut self) {
         if self.attempt.coalesced {
-            self.attempt.wakers.unregister(self.member);
+            self.attempt.members.fetch_sub(1, Ordering::AcqRel);
+            let mut state = self.attempt.lock();
+            if state.solo.as_ref().is_some_and(|(id, _)| *id == self.member) {
+                state.solo = None;
+            }
+            if let Some(wakers) = &state.fanout {
+                wakers.unregister(self.member);
+            }
         }
     }
 }

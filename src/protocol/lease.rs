@@ -32,9 +32,10 @@ pub(crate) struct Lease {
     /// The store confirmed the claim. `false`: adopted after a store error that may have
     /// applied (fail-open, shadow mode); it may not exist, so it is not renewed.
     confirmed: bool,
-    acquired_at: Instant,
-    /// Latest time the claim can still exist (an upper bound).
-    expires_at: Instant,
+    acquired_at: std::time::Instant,
+    /// Latest time the claim can still exist, once renewed; before that, an upper bound is
+    /// "now + TTL" whenever it is asked.
+    renewed_until: Option<Instant>,
     settled: bool,
 }
 
@@ -46,9 +47,8 @@ impl Lease {
         also: Option<Arc<str>>,
         token: ClaimToken,
         confirmed: bool,
+        acquired_at: std::time::Instant,
     ) -> Self {
-        let now = Instant::now();
-        let expires_at = now + protocol.settings.ttl;
         Self {
             protocol,
             key,
@@ -56,21 +56,30 @@ impl Lease {
             also,
             token,
             confirmed,
-            acquired_at: now,
-            expires_at,
+            acquired_at,
+            renewed_until: None,
             settled: false,
         }
+    }
+
+    /// Latest time the claim can still exist (an upper bound).
+    fn expires_at(&self) -> Instant {
+        self.renewed_until
+            .unwrap_or_else(|| Instant::now() + self.protocol.settings.ttl)
     }
 
     /// The job starts: renew while it runs, if renewal is on and the claim is confirmed.
     pub(crate) fn run(self) -> Running {
         let settings = &self.protocol.settings;
-        let renewal = settings.renewal.filter(|_| self.confirmed).map(|every| Renewal {
-            every,
-            hold_until: self.acquired_at + settings.max_hold(),
-            sleep: Box::pin(tokio::time::sleep(every)),
-            in_flight: None,
-            sent_at: self.acquired_at,
+        let renewal = settings.renewal.filter(|_| self.confirmed).map(|every| {
+            let now = Instant::now();
+            Renewal {
+                every,
+                hold_until: now + settings.max_hold(),
+                sleep: Box::pin(tokio::time::sleep(every)),
+                in_flight: None,
+                sent_at: now,
+            }
         });
         Running { lease: self, renewal }
     }
@@ -80,11 +89,12 @@ impl Lease {
     /// Hands the release of this claim (and an override's taken-over key) to the background
     /// owner, which retries until it is released or expires.
     fn release_in_background(&self) {
+        let deadline = self.expires_at();
         for key in std::iter::once(&self.full_key).chain(&self.also) {
             self.protocol
                 .settings
                 .background
-                .submit(key.clone(), self.token.clone(), Work::Release, self.expires_at);
+                .submit(key.clone(), self.token.clone(), Work::Release, deadline);
         }
     }
 }
@@ -194,7 +204,7 @@ impl Renewal {
                 self.in_flight = None;
                 match answer {
                     Ok(true) => {
-                        lease.expires_at = self.sent_at + lease.protocol.settings.ttl;
+                        lease.renewed_until = Some(self.sent_at + lease.protocol.settings.ttl);
                         tracing::debug!(key = %lease.key, "claim renewed");
                     }
                     Ok(false) => return Poll::Ready(RenewalEnd::Lost),
