@@ -275,8 +275,13 @@ async fn bounded<T>(
     }
 }
 
+/// `WRONGTYPE`, alone or as the failure of a pipelined command.
 fn is_wrong_type(err: &RedisError) -> bool {
     err.code() == Some("WRONGTYPE")
+        || err
+            .clone()
+            .into_server_errors()
+            .is_some_and(|errors| errors.iter().any(|(_, e)| e.code() == "WRONGTYPE"))
 }
 
 impl<C> RedisStore<C>

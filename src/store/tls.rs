@@ -8,6 +8,7 @@
 use std::fmt;
 
 use super::StoreError;
+#[cfg(any(feature = "tls-rustls", feature = "tls-native-tls"))]
 use super::redis::RedisStoreBuilder;
 
 /// Certificates a builder connects with. Empty unless a TLS method was called.
