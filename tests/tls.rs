@@ -1,0 +1,240 @@
+//! `RedisStore` over TLS against a real `redis-server --tls-port`, with a CA, server and client
+//! certificates this test generates (rcgen): a trusted private CA, an untrusted one, and mutual
+//! TLS. Built only with a TLS feature; skipped, with the reason printed, when the local
+//! redis-server was built without TLS support.
+#![cfg(any(feature = "tls-rustls", feature = "tls-native-tls"))]
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::RedisServer;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+use tower_idempotency::RedisStore;
+use tower_idempotency::store::{ClaimOutcome, ClaimToken, IdempotencyStore};
+
+const TTL: Duration = Duration::from_secs(60);
+
+/// PEM files for one test: a CA, a server certificate for `127.0.0.1`/`localhost` signed by
+/// it, and a client certificate signed by it. Removed on drop.
+struct Pki {
+    dir: PathBuf,
+    ca_pem: String,
+    client_cert_pem: String,
+    client_key_pem: String,
+}
+
+impl Pki {
+    fn generate(name: &str) -> Self {
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, format!("{name} test CA"));
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+
+        let server_key = KeyPair::generate().unwrap();
+        let mut server_params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+        server_params.distinguished_name.push(DnType::CommonName, "127.0.0.1");
+        server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let server_cert = server_params.signed_by(&server_key, &ca).unwrap();
+
+        let client_key = KeyPair::generate().unwrap();
+        let mut client_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        client_params.distinguished_name.push(DnType::CommonName, "tower-idempotency");
+        client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let client_cert = client_params.signed_by(&client_key, &ca).unwrap();
+
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "tower-idempotency-tls-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("ca.crt"), ca.pem()).unwrap();
+        std::fs::write(dir.join("server.crt"), server_cert.pem()).unwrap();
+        std::fs::write(dir.join("server.key"), server_key.serialize_pem()).unwrap();
+        Pki {
+            dir,
+            ca_pem: ca.pem(),
+            client_cert_pem: client_cert.pem(),
+            client_key_pem: client_key.serialize_pem(),
+        }
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.dir.join(name).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Whether the local redis-server was built with TLS. Started with `--tls-port 0 --port 0`,
+/// one with TLS exits at once saying it is configured to listen nowhere; one without refuses
+/// `tls-port` as a bad directive.
+fn redis_tls_support() -> Result<(), String> {
+    static SUPPORT: OnceLock<Result<(), String>> = OnceLock::new();
+    SUPPORT
+        .get_or_init(|| {
+            let mut child = Command::new("redis-server")
+                .args(["--port", "0", "--tls-port", "0", "--save", "", "--appendonly", "no"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .map_err(|e| format!("redis-server could not be run: {e}"))?;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+                    let text = format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                    if text.to_ascii_lowercase().contains("bad directive") {
+                        return Err(format!(
+                            "this redis-server was built without TLS (BUILD_TLS=yes) and refuses --tls-port: {}",
+                            text.trim()
+                        ));
+                    }
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            // Still running: it accepted the TLS settings.
+            let _ = child.kill();
+            let _ = child.wait();
+            Ok(())
+        })
+        .clone()
+}
+
+/// Skips the calling test, with the reason, when redis-server has no TLS.
+macro_rules! require_tls {
+    () => {
+        if let Err(reason) = redis_tls_support() {
+            eprintln!("SKIPPED: {reason}");
+            return;
+        }
+    };
+}
+
+/// A redis-server with its plain port (for the harness's readiness check) and a TLS port.
+fn start_tls_server(pki: &Pki, auth_clients: bool) -> (RedisServer, u16) {
+    let tls_port = free_port().to_string();
+    let (cert, key, ca) = (pki.file("server.crt"), pki.file("server.key"), pki.file("ca.crt"));
+    let auth = if auth_clients { "yes" } else { "no" };
+    let server = RedisServer::start_with(&[
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca,
+        "--tls-auth-clients",
+        auth,
+    ]);
+    (server, tls_port.parse().unwrap())
+}
+
+async fn claim_duplicate_release(store: &RedisStore) {
+    let mine = ClaimToken::generate();
+    assert_eq!(store.claim("tls:job", &mine, TTL).await.unwrap(), ClaimOutcome::Acquired);
+    assert_eq!(
+        store.claim("tls:job", &ClaimToken::generate(), TTL).await.unwrap(),
+        ClaimOutcome::AlreadyClaimed
+    );
+    let info = store.inspect("tls:job").await.unwrap().expect("claimed");
+    assert_eq!(info.owner.as_deref(), Some(mine.as_str()));
+    assert!(store.release("tls:job", &mine).await.unwrap());
+    assert_eq!(store.inspect("tls:job").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_store_trusting_the_private_ca_claims_and_releases_over_tls() {
+    require_tls!();
+    let pki = Pki::generate("trusted");
+    let (_server, port) = start_tls_server(&pki, false);
+    let store = RedisStore::builder(format!("rediss://127.0.0.1:{port}"))
+        .timeout(Duration::from_secs(2))
+        .tls_root_certificate(pki.ca_pem.clone())
+        .connect()
+        .await
+        .expect("TLS connect with the CA trusted");
+    claim_duplicate_release(&store).await;
+    assert!(!format!("{store:?}").contains("BEGIN"), "no certificate in Debug output");
+}
+
+#[tokio::test]
+async fn a_server_certificate_from_an_untrusted_ca_is_refused_when_connecting() {
+    require_tls!();
+    let pki = Pki::generate("server");
+    let other = Pki::generate("other");
+    let (_server, port) = start_tls_server(&pki, false);
+    let err = RedisStore::builder(format!("rediss://127.0.0.1:{port}"))
+        .timeout(Duration::from_secs(2))
+        .tls_root_certificate(other.ca_pem.clone())
+        .connect()
+        .await
+        .expect_err("a certificate from an untrusted CA must be refused");
+    assert_eq!(err.to_string(), "redis error during `connect`", "{err:?}");
+    // The system roots do not know the test CA either.
+    RedisStore::builder(format!("rediss://127.0.0.1:{port}"))
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .expect_err("the test CA is not a system root");
+}
+
+#[tokio::test]
+async fn mutual_tls_needs_the_client_certificate() {
+    require_tls!();
+    let pki = Pki::generate("mtls");
+    let (_server, port) = start_tls_server(&pki, true);
+    let url = format!("rediss://127.0.0.1:{port}");
+
+    let without = RedisStore::builder(url.as_str())
+        .timeout(Duration::from_secs(2))
+        .tls_root_certificate(pki.ca_pem.clone())
+        .connect()
+        .await;
+    assert!(without.is_err(), "a server with tls-auth-clients yes refuses a client without certificate");
+
+    let builder = RedisStore::builder(url.as_str())
+        .timeout(Duration::from_secs(2))
+        .tls_root_certificate(pki.ca_pem.clone())
+        .tls_client_certificate(pki.client_cert_pem.clone(), pki.client_key_pem.clone());
+    let shown = format!("{builder:?}");
+    assert!(!shown.contains("PRIVATE KEY"), "the client key stays out of Debug: {shown}");
+    let store = builder.connect().await.expect("mutual TLS connect");
+    claim_duplicate_release(&store).await;
+}
+
+#[tokio::test]
+async fn certificates_with_a_plain_redis_url_are_refused_before_connecting() {
+    let pki = Pki::generate("plain");
+    let err = RedisStore::builder("redis://127.0.0.1:1")
+        .tls_root_certificate(pki.ca_pem.clone())
+        .connect()
+        .await
+        .expect_err("TLS settings need rediss://");
+    let source = std::error::Error::source(&err).map(ToString::to_string).unwrap_or_default();
+    assert!(source.contains("rediss://"), "{err:?}");
+}
