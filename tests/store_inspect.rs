@@ -42,7 +42,10 @@ async fn inspect_reports_owner_and_time_left_of_a_claim_and_nothing_it_does_not_
     assert_eq!(info.owner.as_deref(), Some(token.as_str()));
     assert_eq!(info.owner_identity(), None);
     let left = info.time_left.expect("claims expire");
-    assert!(left > Duration::from_secs(55) && left <= Duration::from_secs(60), "{left:?}");
+    assert!(
+        left > Duration::from_secs(55) && left <= Duration::from_secs(60),
+        "{left:?}"
+    );
     assert_eq!((info.age, info.fencing_token, info.outcome_size), (None, None, None));
 
     let owned = ClaimToken::from_owner("1700000000000-0");
@@ -115,7 +118,10 @@ async fn list_stops_at_the_limit_on_a_namespace_larger_than_one_scan_page() {
     assert_eq!(store.list("big:", 7).await.unwrap().len(), 7);
     let all = store.list("big:", 5000).await.unwrap();
     assert_eq!(all.len(), 1200, "every key once");
-    assert!(all.iter().all(|i| i.state == KeyState::Claimed && i.time_left.is_none()));
+    assert!(
+        all.iter()
+            .all(|i| i.state == KeyState::Claimed && i.time_left.is_none())
+    );
 }
 
 #[tokio::test]
@@ -143,11 +149,19 @@ async fn force_release_deletes_whoever_holds_the_claim_and_logs_who_why_and_owne
     let token = ClaimToken::generate();
     store.claim("fr:job", &token, Duration::from_secs(60)).await.unwrap();
 
-    assert!(store.force_release("fr:job", "alice", "worker OOM-killed\nINC-1").await.unwrap());
+    assert!(
+        store
+            .force_release("fr:job", "alice", "worker OOM-killed\nINC-1")
+            .await
+            .unwrap()
+    );
     assert_eq!(store.inspect("fr:job").await.unwrap(), None);
     // The next claim by someone else dispatches.
     assert_eq!(
-        store.claim("fr:job", &ClaimToken::generate(), Duration::from_secs(60)).await.unwrap(),
+        store
+            .claim("fr:job", &ClaimToken::generate(), Duration::from_secs(60))
+            .await
+            .unwrap(),
         ClaimOutcome::Acquired
     );
     // The original owner's token-checked release no longer touches the new claim.
@@ -156,8 +170,16 @@ async fn force_release_deletes_whoever_holds_the_claim_and_logs_who_why_and_owne
     let logged = capture.lines("WARN", "fr:job", "force-released");
     assert_eq!(logged.len(), 1, "{}", capture.text());
     assert!(logged[0].contains("alice"), "{}", logged[0]);
-    assert!(logged[0].contains(token.as_str()), "the freed owner is logged: {}", logged[0]);
-    assert!(logged[0].contains(r"worker OOM-killed\nINC-1"), "reason escaped onto one line: {}", logged[0]);
+    assert!(
+        logged[0].contains(token.as_str()),
+        "the freed owner is logged: {}",
+        logged[0]
+    );
+    assert!(
+        logged[0].contains(r"worker OOM-killed\nINC-1"),
+        "reason escaped onto one line: {}",
+        logged[0]
+    );
 
     assert!(!store.force_release("fr:missing", "alice", "typo").await.unwrap());
 }

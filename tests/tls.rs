@@ -35,7 +35,9 @@ impl Pki {
     fn generate(name: &str) -> Self {
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(DnType::CommonName, format!("{name} test CA"));
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{name} test CA"));
         ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
 
@@ -47,7 +49,9 @@ impl Pki {
 
         let client_key = KeyPair::generate().unwrap();
         let mut client_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        client_params.distinguished_name.push(DnType::CommonName, "tower-idempotency");
+        client_params
+            .distinguished_name
+            .push(DnType::CommonName, "tower-idempotency");
         client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let client_cert = client_params.signed_by(&client_key, &ca).unwrap();
 
@@ -156,7 +160,10 @@ fn start_tls_server(pki: &Pki, auth_clients: bool) -> (RedisServer, u16) {
 
 async fn claim_duplicate_release(store: &RedisStore) {
     let mine = ClaimToken::generate();
-    assert_eq!(store.claim("tls:job", &mine, TTL).await.unwrap(), ClaimOutcome::Acquired);
+    assert_eq!(
+        store.claim("tls:job", &mine, TTL).await.unwrap(),
+        ClaimOutcome::Acquired
+    );
     assert_eq!(
         store.claim("tls:job", &ClaimToken::generate(), TTL).await.unwrap(),
         ClaimOutcome::AlreadyClaimed
@@ -179,7 +186,10 @@ async fn a_store_trusting_the_private_ca_claims_and_releases_over_tls() {
         .await
         .expect("TLS connect with the CA trusted");
     claim_duplicate_release(&store).await;
-    assert!(!format!("{store:?}").contains("BEGIN"), "no certificate in Debug output");
+    assert!(
+        !format!("{store:?}").contains("BEGIN"),
+        "no certificate in Debug output"
+    );
 }
 
 #[tokio::test]
@@ -215,14 +225,20 @@ async fn mutual_tls_needs_the_client_certificate() {
         .tls_root_certificate(pki.ca_pem.clone())
         .connect()
         .await;
-    assert!(without.is_err(), "a server with tls-auth-clients yes refuses a client without certificate");
+    assert!(
+        without.is_err(),
+        "a server with tls-auth-clients yes refuses a client without certificate"
+    );
 
     let builder = RedisStore::builder(url.as_str())
         .timeout(Duration::from_secs(2))
         .tls_root_certificate(pki.ca_pem.clone())
         .tls_client_certificate(pki.client_cert_pem.clone(), pki.client_key_pem.clone());
     let shown = format!("{builder:?}");
-    assert!(!shown.contains("PRIVATE KEY"), "the client key stays out of Debug: {shown}");
+    assert!(
+        !shown.contains("PRIVATE KEY"),
+        "the client key stays out of Debug: {shown}"
+    );
     let store = builder.connect().await.expect("mutual TLS connect");
     claim_duplicate_release(&store).await;
 }
@@ -235,6 +251,8 @@ async fn certificates_with_a_plain_redis_url_are_refused_before_connecting() {
         .connect()
         .await
         .expect_err("TLS settings need rediss://");
-    let source = std::error::Error::source(&err).map(ToString::to_string).unwrap_or_default();
+    let source = std::error::Error::source(&err)
+        .map(ToString::to_string)
+        .unwrap_or_default();
     assert!(source.contains("rediss://"), "{err:?}");
 }

@@ -59,7 +59,13 @@ struct Global {
 
     /// The layer's key namespace (`IdempotencyLayer::with_namespace`); KEY arguments are given
     /// without it. Default: none.
-    #[arg(long, global = true, value_name = "NS", default_value = "", hide_default_value = true)]
+    #[arg(
+        long,
+        global = true,
+        value_name = "NS",
+        default_value = "",
+        hide_default_value = true
+    )]
     namespace: String,
 
     /// One JSON object per line instead of text.
@@ -131,7 +137,11 @@ async fn run(cli: Cli) -> ExitCode {
     match &cli.global.redis_cluster {
         Some(nodes) => {
             let shown: Vec<String> = nodes.iter().map(|n| redact(n)).collect();
-            match RedisStore::cluster_builder(nodes.iter().cloned()).timeout(timeout).connect().await {
+            match RedisStore::cluster_builder(nodes.iter().cloned())
+                .timeout(timeout)
+                .connect()
+                .await
+            {
                 Ok(store) => execute(&store, &cli).await,
                 Err(e) => connect_failed(&shown.join(","), &e),
             }
@@ -274,7 +284,11 @@ fn print_one(info: &KeyInfo, json: bool, released: Option<bool>) {
             info.state.as_str(),
             info.owner.as_deref().unwrap_or("-").escape_debug(),
             time_left_text(info),
-            if released == Some(true) { "\nreleased:      yes" } else { "" },
+            if released == Some(true) {
+                "\nreleased:      yes"
+            } else {
+                ""
+            },
         )
     };
 }

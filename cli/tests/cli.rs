@@ -23,7 +23,10 @@ fn run(args: &[&str]) -> Output {
 
 fn run_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(BIN);
-    cmd.args(args).env_remove("REDIS_URL").env_remove("RUST_LOG").env("USER", "ci-user");
+    cmd.args(args)
+        .env_remove("REDIS_URL")
+        .env_remove("RUST_LOG")
+        .env("USER", "ci-user");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -87,7 +90,11 @@ fn list_limit_bounds_the_output_and_text_output_has_one_line_per_key() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let text = stdout(&out);
     assert_eq!(text.lines().count(), 3, "{text}");
-    assert!(text.lines().all(|l| l.starts_with("n:") && l.contains("\tclaimed\towner:x\t")), "{text}");
+    assert!(
+        text.lines()
+            .all(|l| l.starts_with("n:") && l.contains("\tclaimed\towner:x\t")),
+        "{text}"
+    );
 }
 
 #[test]
@@ -102,7 +109,15 @@ fn show_prints_a_claim_and_exits_0_and_a_missing_key_exits_1() {
     assert!(text.contains("owner:         0123456789abcdef-7"), "{text}");
     assert!(text.contains("age:           not stored"), "{text}");
 
-    let out = run(&["show", "job", "--redis", &server.url(), "--namespace", "review:", "--json"]);
+    let out = run(&[
+        "show",
+        "job",
+        "--redis",
+        &server.url(),
+        "--namespace",
+        "review:",
+        "--json",
+    ]);
     let lines = json_lines(&out);
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0]["key"], "review:job");
@@ -151,18 +166,39 @@ fn release_deletes_the_claim_logs_who_and_why_and_a_second_release_exits_1() {
     assert_eq!(lines[0]["released"], true);
     let log = stderr(&out);
     assert!(
-        log.contains("WARN") && log.contains("force-released") && log.contains("alice") && log.contains("worker OOM-killed"),
+        log.contains("WARN")
+            && log.contains("force-released")
+            && log.contains("alice")
+            && log.contains("worker OOM-killed"),
         "{log}"
     );
     assert_eq!(server.cli(&["EXISTS", "review:job"]), "0");
 
     // --who defaults to $USER.
     server.cli(&["SET", "review:job2", "owner:x", "PX", "60000"]);
-    let out = run(&["release", "job2", "--redis", &server.url(), "--namespace", "review:", "--why", "test"]);
+    let out = run(&[
+        "release",
+        "job2",
+        "--redis",
+        &server.url(),
+        "--namespace",
+        "review:",
+        "--why",
+        "test",
+    ]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert!(stderr(&out).contains("ci-user"), "{}", stderr(&out));
 
-    let out = run(&["release", "job", "--redis", &server.url(), "--namespace", "review:", "--why", "again"]);
+    let out = run(&[
+        "release",
+        "job",
+        "--redis",
+        &server.url(),
+        "--namespace",
+        "review:",
+        "--why",
+        "again",
+    ]);
     assert_eq!(code(&out), 1);
     assert!(stderr(&out).contains("no such key: review:job"), "{}", stderr(&out));
 }
@@ -238,7 +274,10 @@ fn wedged_lists_claims_without_expiry_or_with_more_time_left_than_the_threshold(
         "--json",
     ]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let mut keys: Vec<String> = json_lines(&out).iter().map(|v| v["key"].as_str().unwrap().to_owned()).collect();
+    let mut keys: Vec<String> = json_lines(&out)
+        .iter()
+        .map(|v| v["key"].as_str().unwrap().to_owned())
+        .collect();
     keys.sort();
     assert_eq!(keys, ["w:forever", "w:long"]);
     assert!(stderr(&out).contains("wedged idempotency claim"), "{}", stderr(&out));
@@ -259,14 +298,26 @@ fn a_cluster_is_listed_across_all_primaries_and_keys_are_shown_and_released() {
 
     let out = run(&["list", "--redis-cluster", &nodes, "--namespace", "c:", "--json"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let mut listed: Vec<String> = json_lines(&out).iter().map(|v| v["key"].as_str().unwrap().to_owned()).collect();
+    let mut listed: Vec<String> = json_lines(&out)
+        .iter()
+        .map(|v| v["key"].as_str().unwrap().to_owned())
+        .collect();
     listed.sort();
     assert_eq!(listed, keys);
 
     let short = keys[0].trim_start_matches("c:");
     let out = run(&["show", short, "--redis-cluster", &nodes, "--namespace", "c:"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
-    let out = run(&["release", short, "--redis-cluster", &nodes, "--namespace", "c:", "--why", "t"]);
+    let out = run(&[
+        "release",
+        short,
+        "--redis-cluster",
+        &nodes,
+        "--namespace",
+        "c:",
+        "--why",
+        "t",
+    ]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let out = run(&["show", short, "--redis-cluster", &nodes, "--namespace", "c:"]);
     assert_eq!(code(&out), 1, "{}", stderr(&out));
