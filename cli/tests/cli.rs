@@ -322,3 +322,69 @@ fn a_cluster_is_listed_across_all_primaries_and_keys_are_shown_and_released() {
     let out = run(&["show", short, "--redis-cluster", &nodes, "--namespace", "c:"]);
     assert_eq!(code(&out), 1, "{}", stderr(&out));
 }
+
+/// The operator's `ACL SETUSER tower-idempotency-ops …` line from SECURITY.md, with the
+/// placeholder password replaced.
+fn operator_acl(password: &str) -> Vec<String> {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../SECURITY.md")).expect("SECURITY.md");
+    let line = doc
+        .lines()
+        .find(|l| l.starts_with("ACL SETUSER tower-idempotency-ops "))
+        .expect("SECURITY.md has the operator's `ACL SETUSER` line");
+    line.split_whitespace()
+        .map(|w| {
+            if w == ">CHANGE-ME" {
+                format!(">{password}")
+            } else {
+                w.to_owned()
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn every_command_works_under_the_operator_acl_from_security_md() {
+    let server = RedisServer::start();
+    let acl = operator_acl("ops-test-password");
+    let args: Vec<&str> = acl.iter().map(String::as_str).collect();
+    assert_eq!(server.cli(&args), "OK", "{acl:?}");
+    server.cli(&["SET", "review-dispatch:a", "owner:a", "PX", "60000"]);
+    server.cli(&["SET", "review-dispatch:b", "owner:b"]);
+    let url = format!(
+        "redis://tower-idempotency-ops:ops-test-password@127.0.0.1:{}",
+        server.port()
+    );
+    let ns = ["--redis", &url, "--namespace", "review-dispatch:"];
+
+    let out = run(&[&["list"], &ns[..]].concat());
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(stdout(&out).lines().count(), 2, "{}", stdout(&out));
+    let out = run(&[&["show", "a"], &ns[..]].concat());
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = run(&[&["wedged", "--time-left-over-ms", "300000"], &ns[..]].concat());
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(stdout(&out).contains("review-dispatch:b"), "{}", stdout(&out));
+    let out = run(&[&["release", "a", "--why", "acl test"], &ns[..]].concat());
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(server.cli(&["EXISTS", "review-dispatch:a"]), "0");
+
+    // Nothing the tool sent was refused, except `CLIENT SETINFO` (sent on connect, answer ignored).
+    let log = server.cli(&["ACL", "LOG"]);
+    let lines: Vec<&str> = log.lines().collect();
+    let refused: Vec<&str> = lines
+        .windows(2)
+        .filter(|w| w[0] == "object")
+        .map(|w| w[1])
+        .filter(|object| *object != "client|setinfo")
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "the tool needed something the ACL refuses: {refused:?}\n{log}"
+    );
+
+    // Outside its namespace it can read nothing.
+    server.cli(&["SET", "elsewhere:x", "owner:x", "PX", "60000"]);
+    let out = run(&["show", "elsewhere:x", "--redis", &url]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("NoPerm"), "{}", stderr(&out));
+}
