@@ -44,7 +44,9 @@ impl Pki {
         let server_key = KeyPair::generate().unwrap();
         let mut server_params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
         server_params.distinguished_name.push(DnType::CommonName, "127.0.0.1");
-        server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        // ClientAuth too: cluster nodes present this certificate to each other on the TLS bus.
+        server_params.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         let server_cert = server_params.signed_by(&server_key, &ca).unwrap();
 
         let client_key = KeyPair::generate().unwrap();
@@ -255,4 +257,136 @@ async fn certificates_with_a_plain_redis_url_are_refused_before_connecting() {
         .map(ToString::to_string)
         .unwrap_or_default();
     assert!(source.contains("rediss://"), "{err:?}");
+}
+
+/// A free port whose cluster bus port (port + 10000) is a valid port too.
+#[cfg(all(feature = "redis-cluster", feature = "tls-rustls"))]
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port < 55_000 {
+            return port;
+        }
+    }
+}
+
+/// Three primaries whose clients and cluster bus speak TLS only (`tls-cluster yes`; the plain
+/// ports are kept for the harness's readiness check), joined over TLS, `cluster_state:ok`.
+#[cfg(all(feature = "redis-cluster", feature = "tls-rustls"))]
+fn start_tls_cluster(pki: &Pki) -> (Vec<RedisServer>, Vec<u16>) {
+    let (cert, key, ca) = (pki.file("server.crt"), pki.file("server.key"), pki.file("ca.crt"));
+    let mut nodes = Vec::new();
+    let mut tls_ports = Vec::new();
+    for _ in 0..3 {
+        let tls_port = free_cluster_port().to_string();
+        nodes.push(RedisServer::start_with(&[
+            "--tls-port",
+            &tls_port,
+            "--tls-cluster",
+            "yes",
+            "--tls-replication",
+            "yes",
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "no",
+            "--cluster-enabled",
+            "yes",
+            "--cluster-node-timeout",
+            "1000",
+            "--cluster-require-full-coverage",
+            "no",
+        ]));
+        tls_ports.push(tls_port.parse().unwrap());
+    }
+    let addrs: Vec<String> = tls_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    // `redis-cli --cluster create` waits for the join forever when nodes cannot reach each other
+    // over TLS: bound it.
+    let mut create = Command::new("redis-cli")
+        .args(["--tls", "--cacert", &ca, "--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("redis-cli");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = create.try_wait().expect("redis-cli") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = create.kill();
+            let out = create.wait_with_output().expect("redis-cli");
+            panic!(
+                "redis-cli --tls --cluster create did not finish in 30 s:\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = create.wait_with_output().expect("redis-cli");
+    assert!(
+        status.success(),
+        "redis-cli --tls --cluster create failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !nodes
+        .iter()
+        .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+    {
+        assert!(Instant::now() < deadline, "TLS cluster did not reach cluster_state:ok");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (nodes, tls_ports)
+}
+
+#[cfg(all(feature = "redis-cluster", feature = "tls-rustls"))]
+#[tokio::test]
+async fn a_cluster_store_trusting_the_private_ca_claims_lists_and_releases_over_tls() {
+    require_tls!();
+    let pki = Pki::generate("cluster");
+    let (nodes, tls_ports) = start_tls_cluster(&pki);
+    let urls: Vec<String> = tls_ports.iter().map(|p| format!("rediss://127.0.0.1:{p}")).collect();
+
+    let store = RedisStore::cluster_builder(urls.clone())
+        .timeout(Duration::from_secs(2))
+        .tls_root_certificate(pki.ca_pem.clone())
+        .connect()
+        .await
+        .expect("TLS cluster connect with the CA trusted");
+    let mut tokens = Vec::new();
+    for i in 0..12 {
+        let key = format!("tls-cluster:job-{i}");
+        let token = ClaimToken::generate();
+        assert_eq!(store.claim(&key, &token, TTL).await.unwrap(), ClaimOutcome::Acquired);
+        assert_eq!(
+            store.claim(&key, &ClaimToken::generate(), TTL).await.unwrap(),
+            ClaimOutcome::AlreadyClaimed
+        );
+        tokens.push((key, token));
+    }
+    // The keys spread over the primaries, and `list` finds them on every one.
+    for node in &nodes {
+        assert_ne!(node.cli(&["DBSIZE"]), "0", "12 keys should reach every primary");
+    }
+    assert_eq!(store.list("tls-cluster:", 100).await.unwrap().len(), 12);
+    for (key, token) in &tokens {
+        assert!(store.release(key, token).await.unwrap());
+    }
+    assert!(store.list("tls-cluster:", 100).await.unwrap().is_empty());
+
+    let other = Pki::generate("other");
+    RedisStore::cluster_builder(urls)
+        .timeout(Duration::from_secs(2))
+        .tls_root_certificate(other.ca_pem.clone())
+        .connect()
+        .await
+        .expect_err("a cluster whose certificates come from an untrusted CA is refused");
 }

@@ -31,6 +31,20 @@ impl fmt::Debug for TlsSettings {
 }
 
 impl TlsSettings {
+    #[cfg(any(feature = "tls-rustls", feature = "tls-native-tls"))]
+    fn certificates(&self) -> redis::TlsCertificates {
+        redis::TlsCertificates {
+            client_tls: self
+                .client_identity
+                .as_ref()
+                .map(|(client_cert, client_key)| redis::ClientTlsConfig {
+                    client_cert: client_cert.clone(),
+                    client_key: client_key.clone(),
+                }),
+            root_cert: self.root_certificate.clone(),
+        }
+    }
+
     /// The redis-rs client for `url` with these settings.
     pub(crate) fn open_client(&self, url: &str) -> Result<redis::Client, StoreError> {
         let connect_error = |source| StoreError::Redis {
@@ -44,17 +58,7 @@ impl TlsSettings {
         }
         #[cfg(any(feature = "tls-rustls", feature = "tls-native-tls"))]
         {
-            let certificates = redis::TlsCertificates {
-                client_tls: self
-                    .client_identity
-                    .as_ref()
-                    .map(|(client_cert, client_key)| redis::ClientTlsConfig {
-                        client_cert: client_cert.clone(),
-                        client_key: client_key.clone(),
-                    }),
-                root_cert: self.root_certificate.clone(),
-            };
-            redis::Client::build_with_tls(url, certificates).map_err(connect_error)
+            redis::Client::build_with_tls(url, self.certificates()).map_err(connect_error)
         }
         #[cfg(not(any(feature = "tls-rustls", feature = "tls-native-tls")))]
         {
@@ -64,6 +68,24 @@ impl TlsSettings {
                 reason: "TLS certificates need the `tls-rustls` or `tls-native-tls` feature".into(),
             })
         }
+    }
+}
+
+#[cfg(feature = "redis-cluster")]
+impl TlsSettings {
+    /// `builder` with these certificates (redis-rs takes them for clusters with rustls only).
+    pub(crate) fn apply_to_cluster(
+        &self,
+        builder: redis::cluster::ClusterClientBuilder,
+    ) -> redis::cluster::ClusterClientBuilder {
+        #[cfg(feature = "tls-rustls")]
+        {
+            ensure_crypto_provider();
+            if self.root_certificate.is_some() || self.client_identity.is_some() {
+                return builder.certs(self.certificates());
+            }
+        }
+        builder
     }
 }
 
@@ -111,6 +133,48 @@ impl RedisStoreBuilder {
     ///
     /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
     /// let store = RedisStore::builder("rediss://redis.internal:6380")
+    ///     .tls_root_certificate(std::fs::read("/etc/redis/tls/ca.crt")?)
+    ///     .tls_client_certificate(std::fs::read("client.crt")?, std::fs::read("client.key")?)
+    ///     .connect()
+    ///     .await?;
+    /// # let _ = store; Ok(()) }
+    /// ```
+    pub fn tls_client_certificate(mut self, cert_pem: impl Into<Vec<u8>>, key_pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.client_identity = Some((cert_pem.into(), key_pem.into()));
+        self
+    }
+}
+
+#[cfg(all(feature = "redis-cluster", feature = "tls-rustls"))]
+impl super::RedisClusterStoreBuilder {
+    /// Trusts the CA certificate(s) in `pem` for every node's certificate, **instead of** the
+    /// system's roots, and connects with TLS. Use `rediss://` node URLs; each node must announce
+    /// an address (its TLS port, `tls-cluster yes`) that its certificate names. Needs the
+    /// `tls-rustls` feature (redis-rs takes cluster certificates with rustls only).
+    ///
+    /// ```no_run
+    /// use tower_idempotency::RedisStore;
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = RedisStore::cluster_builder(["rediss://10.0.0.1:6380", "rediss://10.0.0.2:6380"])
+    ///     .tls_root_certificate(std::fs::read("/etc/redis/tls/ca.crt")?)
+    ///     .connect()
+    ///     .await?;
+    /// # let _ = store; Ok(()) }
+    /// ```
+    pub fn tls_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.root_certificate = Some(pem.into());
+        self
+    }
+
+    /// Presents this client certificate chain and private key (both PEM) to every node; see
+    /// [`RedisStoreBuilder::tls_client_certificate`].
+    ///
+    /// ```no_run
+    /// use tower_idempotency::RedisStore;
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = RedisStore::cluster_builder(["rediss://10.0.0.1:6380"])
     ///     .tls_root_certificate(std::fs::read("/etc/redis/tls/ca.crt")?)
     ///     .tls_client_certificate(std::fs::read("client.crt")?, std::fs::read("client.key")?)
     ///     .connect()
