@@ -76,6 +76,53 @@ struct Global {
     #[arg(long, global = true, value_name = "MS", default_value_t = 2000,
           value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     timeout_ms: u64,
+
+    #[cfg(any(feature = "tls-rustls", feature = "tls-native-tls"))]
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+/// Certificates for `rediss://` URLs (built with `tls-rustls` or `tls-native-tls`).
+#[cfg(any(feature = "tls-rustls", feature = "tls-native-tls"))]
+#[derive(Debug, Args)]
+struct TlsArgs {
+    /// PEM file of the CA to trust for the server's certificate, instead of the system's roots.
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_ca_cert: Option<std::path::PathBuf>,
+
+    /// PEM client certificate, for servers that require one (with --tls-key).
+    #[arg(long, global = true, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, global = true, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+}
+
+/// The certificate files' contents.
+#[derive(Default)]
+struct TlsFiles {
+    ca: Option<Vec<u8>>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+#[cfg(any(feature = "tls-rustls", feature = "tls-native-tls"))]
+fn read_tls_files(global: &Global) -> Result<TlsFiles, String> {
+    let args = &global.tls;
+    let read = |flag: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| format!("cannot read {flag} {}: {e}", path.display()))
+    };
+    let ca = args.tls_ca_cert.as_deref().map(|p| read("--tls-ca-cert", p)).transpose()?;
+    let identity = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some((read("--tls-cert", cert)?, read("--tls-key", key)?)),
+        _ => None,
+    };
+    Ok(TlsFiles { ca, identity })
+}
+
+#[cfg(not(any(feature = "tls-rustls", feature = "tls-native-tls")))]
+fn read_tls_files(_global: &Global) -> Result<TlsFiles, String> {
+    Ok(TlsFiles::default())
 }
 
 #[derive(Debug, Subcommand)]
@@ -134,14 +181,30 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> ExitCode {
     let timeout = Duration::from_millis(cli.global.timeout_ms);
+    #[allow(unused_variables)]
+    let tls = match read_tls_files(&cli.global) {
+        Ok(tls) => tls,
+        Err(message) => return fail(&message),
+    };
     match &cli.global.redis_cluster {
         Some(nodes) => {
             let shown: Vec<String> = nodes.iter().map(|n| redact(n)).collect();
-            match RedisStore::cluster_builder(nodes.iter().cloned())
-                .timeout(timeout)
-                .connect()
-                .await
+            #[allow(unused_mut)]
+            let mut builder = RedisStore::cluster_builder(nodes.iter().cloned()).timeout(timeout);
+            #[cfg(feature = "tls-rustls")]
             {
+                if let Some(ca) = tls.ca.clone() {
+                    builder = builder.tls_root_certificate(ca);
+                }
+                if let Some((cert, key)) = tls.identity.clone() {
+                    builder = builder.tls_client_certificate(cert, key);
+                }
+            }
+            #[cfg(all(feature = "tls-native-tls", not(feature = "tls-rustls")))]
+            if tls.ca.is_some() || tls.identity.is_some() {
+                return fail("--tls-ca-cert and --tls-cert with --redis-cluster need the tls-rustls feature");
+            }
+            match builder.connect().await {
                 Ok(store) => execute(&store, &cli).await,
                 Err(e) => connect_failed(&shown.join(","), &e),
             }
@@ -153,12 +216,20 @@ async fn run(cli: Cli) -> ExitCode {
                 .clone()
                 .or_else(|| std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty()))
                 .unwrap_or_else(|| DEFAULT_REDIS_URL.to_owned());
-            match RedisStore::builder(url.as_str())
+            #[allow(unused_mut)]
+            let mut builder = RedisStore::builder(url.as_str())
                 .timeout(timeout)
-                .reconnect_backoff(0, Duration::from_millis(10), Duration::from_millis(10))
-                .connect()
-                .await
+                .reconnect_backoff(0, Duration::from_millis(10), Duration::from_millis(10));
+            #[cfg(any(feature = "tls-rustls", feature = "tls-native-tls"))]
             {
+                if let Some(ca) = tls.ca.clone() {
+                    builder = builder.tls_root_certificate(ca);
+                }
+                if let Some((cert, key)) = tls.identity.clone() {
+                    builder = builder.tls_client_certificate(cert, key);
+                }
+            }
+            match builder.connect().await {
                 Ok(store) => execute(&store, &cli).await,
                 Err(e) => connect_failed(&redact(&url), &e),
             }
