@@ -101,6 +101,7 @@ struct TlsArgs {
 
 /// The certificate files' contents.
 #[derive(Default)]
+#[cfg_attr(not(any(feature = "tls-rustls", feature = "tls-native-tls")), allow(dead_code))]
 struct TlsFiles {
     ca: Option<Vec<u8>>,
     identity: Option<(Vec<u8>, Vec<u8>)>,
@@ -112,7 +113,11 @@ fn read_tls_files(global: &Global) -> Result<TlsFiles, String> {
     let read = |flag: &str, path: &std::path::Path| {
         std::fs::read(path).map_err(|e| format!("cannot read {flag} {}: {e}", path.display()))
     };
-    let ca = args.tls_ca_cert.as_deref().map(|p| read("--tls-ca-cert", p)).transpose()?;
+    let ca = args
+        .tls_ca_cert
+        .as_deref()
+        .map(|p| read("--tls-ca-cert", p))
+        .transpose()?;
     let identity = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some((read("--tls-cert", cert)?, read("--tls-key", key)?)),
         _ => None,
@@ -217,9 +222,11 @@ async fn run(cli: Cli) -> ExitCode {
                 .or_else(|| std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty()))
                 .unwrap_or_else(|| DEFAULT_REDIS_URL.to_owned());
             #[allow(unused_mut)]
-            let mut builder = RedisStore::builder(url.as_str())
-                .timeout(timeout)
-                .reconnect_backoff(0, Duration::from_millis(10), Duration::from_millis(10));
+            let mut builder = RedisStore::builder(url.as_str()).timeout(timeout).reconnect_backoff(
+                0,
+                Duration::from_millis(10),
+                Duration::from_millis(10),
+            );
             #[cfg(any(feature = "tls-rustls", feature = "tls-native-tls"))]
             {
                 if let Some(ca) = tls.ca.clone() {

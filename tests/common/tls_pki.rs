@@ -62,6 +62,8 @@ impl Pki {
         std::fs::write(dir.join("ca.crt"), ca.pem()).unwrap();
         std::fs::write(dir.join("server.crt"), server_cert.pem()).unwrap();
         std::fs::write(dir.join("server.key"), server_key.serialize_pem()).unwrap();
+        std::fs::write(dir.join("client.crt"), client_cert.pem()).unwrap();
+        std::fs::write(dir.join("client.key"), client_key.serialize_pem()).unwrap();
         Pki {
             dir,
             ca_pem: ca.pem(),
