@@ -45,6 +45,8 @@
 //! - `redis-cluster`: `RedisStore` over a cluster connection.
 //! - `sentry`: report store errors through `sentry-core`.
 //! - `http`: the HTTP form of the layer and webhook key extractors.
+//! - `tls-rustls`, `tls-native-tls`: `rediss://` URLs, with a private CA and client certificates
+//!   on the store builders.
 
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]

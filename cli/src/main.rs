@@ -10,7 +10,8 @@
 //! Every command takes `--redis URL` (default: `$REDIS_URL`, else `redis://127.0.0.1:6379`) or
 //! `--redis-cluster URL,URL,…`, `--namespace NS` (the layer's namespace; `KEY` is given without
 //! it) and `--json` (one JSON object per line). Exit status: 0 success, 1 the key does not exist,
-//! 2 bad usage or Redis could not be reached or answered with an error.
+//! 2 bad usage, Redis could not be reached or answered with an error, or `release` of a key that
+//! is not a claim.
 
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
@@ -24,7 +25,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use tower_idempotency::RedisStore;
 use tower_idempotency::StoreError;
-use tower_idempotency::store::{KeyInfo, ScanKeyspace};
+use tower_idempotency::store::{KeyInfo, KeyState, ScanKeyspace};
 
 /// The default when neither `--redis`, `--redis-cluster` nor `REDIS_URL` is given.
 const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
@@ -291,6 +292,12 @@ async fn release<C: ScanKeyspace>(
     let Some(info) = store.inspect(key).await? else {
         return Ok(no_such_key(key));
     };
+    if info.state == KeyState::NotAClaim {
+        return Ok(fail(&format!(
+            "{} is not a claim (not a Redis string); not deleting it",
+            key.escape_debug()
+        )));
+    }
     if !store.force_release(key, who, why).await? {
         // Expired or released between the two calls.
         return Ok(no_such_key(key));

@@ -204,6 +204,36 @@ fn release_deletes_the_claim_logs_who_and_why_and_a_second_release_exits_1() {
 }
 
 #[test]
+fn release_refuses_a_key_that_is_not_a_claim_and_exits_2() {
+    let server = RedisServer::start();
+    server.cli(&["HSET", "review:h", "f", "v"]);
+    let out = run(&[
+        "release",
+        "h",
+        "--redis",
+        &server.url(),
+        "--namespace",
+        "review:",
+        "--why",
+        "t",
+    ]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("review:h is not a claim"), "{}", stderr(&out));
+    assert_eq!(server.cli(&["EXISTS", "review:h"]), "1");
+    let out = run(&[
+        "show",
+        "h",
+        "--redis",
+        &server.url(),
+        "--namespace",
+        "review:",
+        "--json",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(json_lines(&out)[0]["state"], "not_a_claim");
+}
+
+#[test]
 fn release_without_a_reason_is_a_usage_error() {
     let out = run(&["release", "job", "--redis", "redis://127.0.0.1:1"]);
     assert_eq!(code(&out), 2);
