@@ -351,6 +351,43 @@ fn a_cluster_is_listed_across_all_primaries_and_keys_are_shown_and_released() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let out = run(&["show", short, "--redis-cluster", &nodes, "--namespace", "c:"]);
     assert_eq!(code(&out), 1, "{}", stderr(&out));
+
+    // Under the operator ACL from SECURITY.md (its namespace is `review-dispatch:`) plus the
+    // `+cluster|slots +ping` it says a cluster needs, on every node: nothing is refused.
+    let mut acl = operator_acl("ops-test-password");
+    acl.extend(["+cluster|slots".to_owned(), "+ping".to_owned()]);
+    let acl: Vec<&str> = acl.iter().map(String::as_str).collect();
+    for node in 0..3 {
+        assert_eq!(cluster.node(node).cli(&acl), "OK");
+    }
+    for key in cluster
+        .keys_on(0, "review-dispatch:job", 1)
+        .into_iter()
+        .chain(cluster.keys_on(2, "review-dispatch:job", 1))
+    {
+        cluster.cli(&["SET", &key, "owner:x", "PX", "60000"]);
+    }
+    let as_ops: Vec<String> = cluster
+        .urls()
+        .iter()
+        .map(|u| u.replace("redis://", "redis://tower-idempotency-ops:ops-test-password@"))
+        .collect();
+    let out = run(&[
+        "list",
+        "--redis-cluster",
+        &as_ops.join(","),
+        "--namespace",
+        "review-dispatch:",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(stdout(&out).lines().count(), 2, "{}", stdout(&out));
+    for node in 0..3 {
+        let log = cluster.node(node).cli(&["ACL", "LOG"]);
+        assert!(
+            !log.lines().any(|l| l == "object"),
+            "node {node} refused something:\n{log}"
+        );
+    }
 }
 
 /// The operator's `ACL SETUSER tower-idempotency-ops …` line from SECURITY.md, with the
