@@ -213,3 +213,22 @@ async fn list_on_a_cluster_walks_every_primary() {
     assert!(store.force_release(&expected[0], "alice", "test").await.unwrap());
     assert_eq!(store.list("cl:", 100).await.unwrap().len(), 8);
 }
+
+/// `list` and `wedged` exist for the standalone and cluster connection types (compile-time).
+#[allow(dead_code)]
+fn every_connection_type_can_be_listed() {
+    fn listable<C: tower_idempotency::store::ScanKeyspace>() {}
+    listable::<redis::aio::ConnectionManager>();
+    listable::<redis::aio::MultiplexedConnection>();
+    #[cfg(feature = "redis-cluster")]
+    listable::<redis::cluster_async::ClusterConnection>();
+}
+
+#[tokio::test]
+async fn list_with_a_zero_limit_returns_nothing() {
+    let server = RedisServer::start();
+    let store = store(&server).await;
+    server.cli(&["SET", "z:a", "owner:a"]);
+    assert_eq!(store.list("z:", 0).await.unwrap(), vec![]);
+    assert_eq!(store.list("z:", 1).await.unwrap().len(), 1);
+}

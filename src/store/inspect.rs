@@ -410,11 +410,14 @@ impl<C: ScanKeyspace> RedisStore<C> {
     /// `review:`), in no particular order.
     ///
     /// Walks the keyspace with `SCAN … MATCH <prefix>* COUNT 500` (glob characters in the prefix
-    /// are escaped), on a cluster once per primary, and stops as soon as `limit` keys are found,
-    /// so it is bounded even on a large keyspace. Each `SCAN` page and each key's lookup is
-    /// bounded by the store's timeout. `SCAN` may return a key twice or miss keys created or
-    /// deleted during the walk; keys that expire during the walk are left out. An empty prefix
-    /// lists every key, claims or not.
+    /// are escaped), on a cluster once per primary, and stops as soon as it has `limit` keys, so
+    /// the answer and the per-key lookups are bounded by `limit`. When fewer keys match, the
+    /// walk goes through the whole keyspace, 500 keys per call: each call is short for Redis
+    /// (unlike `KEYS`, it never blocks the server for the whole keyspace), but on a Redis with
+    /// millions of other keys the walk takes that many calls. Each `SCAN` call and each key's
+    /// lookup is bounded by the store's timeout. A key is listed once even if `SCAN` returns it
+    /// twice; keys created or deleted during the walk may be missed; keys that expire during the
+    /// walk are left out. An empty prefix lists every key, claims or not.
     ///
     /// ```no_run
     /// # async fn run() -> Result<(), tower_idempotency::StoreError> {
@@ -440,6 +443,9 @@ impl<C: ScanKeyspace> RedisStore<C> {
         let nodes = bounded(self.timeout(), "list", conn.scan_nodes()).await?;
         let mut keys: Vec<Vec<u8>> = Vec::new();
         let mut seen = std::collections::HashSet::new();
+        if limit == 0 {
+            return Ok(keys);
+        }
         'nodes: for node in nodes {
             let mut cursor = 0;
             loop {
@@ -450,11 +456,11 @@ impl<C: ScanKeyspace> RedisStore<C> {
                 )
                 .await?;
                 for key in page {
-                    if keys.len() >= limit {
-                        break 'nodes;
-                    }
                     if seen.insert(key.clone()) {
                         keys.push(key);
+                        if keys.len() >= limit {
+                            break 'nodes;
+                        }
                     }
                 }
                 if next == 0 {
