@@ -250,3 +250,24 @@ async fn a_cluster_store_trusting_the_private_ca_claims_lists_and_releases_over_
         .await
         .expect_err("a cluster whose certificates come from an untrusted CA is refused");
 }
+
+#[cfg(feature = "tls-rustls")]
+#[tokio::test]
+async fn an_insecure_url_does_not_turn_off_certificate_checks_with_rustls() {
+    require_tls!();
+    let pki = Pki::generate("insecure");
+    let (_server, port) = start_tls_server(&pki, false);
+    // The server's CA is not trusted: only skipping verification would let this connect.
+    let err = RedisStore::builder(format!("rediss://127.0.0.1:{port}/#insecure"))
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .expect_err("#insecure must not skip verification");
+    let source = std::error::Error::source(&err)
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    assert!(
+        source.contains("insecure"),
+        "refused as insecure, not by chance: {err:?}"
+    );
+}
