@@ -47,6 +47,8 @@
 //! - `http`: the HTTP form of the layer and webhook key extractors.
 //! - `metrics` (default): outcome counters, store latency, hold time and pending background work
 //!   through the `metrics` facade ([`observe`]).
+//! - `tls-rustls`, `tls-native-tls`: `rediss://` URLs, with a private CA and client certificates
+//!   on the store builders.
 
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]

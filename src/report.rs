@@ -105,9 +105,9 @@ impl Reporter {
     /// Reports that renewal found a running job's claim lost.
     #[cfg_attr(not(feature = "sentry"), allow(unused_variables))]
     pub(crate) fn claim_lost(&self, key: &str) {
-        if self.admit("claim_lost").is_none() {
+        let Some(_suppressed) = self.admit("claim_lost") else {
             return;
-        }
+        };
         #[cfg(feature = "sentry")]
         {
             use sentry_core::protocol::{Event, Level};

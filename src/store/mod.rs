@@ -17,8 +17,14 @@ mod redis;
 
 #[cfg(feature = "redis")]
 pub use self::redis::{DEFAULT_TIMEOUT, RedisStore, RedisStoreBuilder};
+#[cfg(feature = "redis")]
+mod inspect;
+#[cfg(feature = "redis")]
+pub use self::inspect::{KeyInfo, KeyState, ScanKeyspace};
 #[cfg(feature = "redis-cluster")]
 mod redis_cluster;
+#[cfg(feature = "redis")]
+mod tls;
 #[cfg(feature = "redis-cluster")]
 pub use self::redis_cluster::RedisClusterStoreBuilder;
 pub use memory::MemoryStore;

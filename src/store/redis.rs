@@ -96,6 +96,7 @@ pub struct RedisStoreBuilder {
     reconnect_retries: usize,
     reconnect_min_delay: Duration,
     reconnect_max_delay: Duration,
+    pub(super) tls: super::tls::TlsSettings,
 }
 
 impl fmt::Debug for RedisStoreBuilder {
@@ -106,6 +107,7 @@ impl fmt::Debug for RedisStoreBuilder {
             .field("reconnect_retries", &self.reconnect_retries)
             .field("reconnect_min_delay", &self.reconnect_min_delay)
             .field("reconnect_max_delay", &self.reconnect_max_delay)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -163,10 +165,7 @@ impl RedisStoreBuilder {
     }
 
     fn client_and_config(&self) -> Result<(redis::Client, ConnectionManagerConfig), StoreError> {
-        let client = redis::Client::open(self.url.as_str()).map_err(|source| StoreError::Redis {
-            operation: "connect",
-            source,
-        })?;
+        let client = self.tls.open_client(&self.url)?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(self.timeout))
             .set_connection_timeout(Some(self.timeout))
@@ -207,6 +206,7 @@ impl RedisStore {
             reconnect_retries: 2,
             reconnect_min_delay: Duration::from_millis(50),
             reconnect_max_delay: Duration::from_millis(200),
+            tls: Default::default(),
         }
     }
 

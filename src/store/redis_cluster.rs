@@ -24,6 +24,7 @@ pub struct RedisClusterStoreBuilder {
     nodes: Vec<String>,
     timeout: Duration,
     retries: u32,
+    pub(super) tls: super::tls::TlsSettings,
 }
 
 /// Node URLs may carry a password (`redis://user:password@host`); `Debug` shows them without it.
@@ -34,6 +35,7 @@ impl fmt::Debug for RedisClusterStoreBuilder {
             .field("nodes", &nodes)
             .field("timeout", &self.timeout)
             .field("retries", &self.retries)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -54,7 +56,9 @@ impl RedisClusterStoreBuilder {
     }
 
     fn client(&self) -> Result<redis::cluster::ClusterClient, StoreError> {
-        ClusterClientBuilder::new(self.nodes.iter().map(String::as_str))
+        let builder = ClusterClientBuilder::new(self.nodes.iter().map(String::as_str));
+        self.tls
+            .apply_to_cluster(builder)
             .response_timeout(self.timeout)
             .overall_response_timeout(Some(self.timeout))
             .connection_timeout(self.timeout)
@@ -103,6 +107,7 @@ impl RedisStore<ClusterConnection> {
             nodes: nodes.into_iter().map(Into::into).collect(),
             timeout: DEFAULT_TIMEOUT,
             retries: 2,
+            tls: Default::default(),
         }
     }
 
