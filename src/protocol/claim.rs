@@ -330,7 +330,10 @@ impl Drop for Attempt {
                 );
             }
         }
+        // An answered attempt already left the map when its answer came.
+        let answered = matches!(state.progress, Progress::Answered(..));
         if self.coalesced
+            && !answered
             && let Some(coalescer) = &self.protocol.settings.coalescer
         {
             coalescer.forget(&self.full_key, self);

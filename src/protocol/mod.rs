@@ -31,6 +31,9 @@ use crate::store::ClaimToken;
 /// One layer's protocol: its settings, validated, plus the shared coalescer and background
 /// owner. Services and futures hold it in an `Arc`.
 #[derive(Debug)]
+// Aligned so the `Arc`'s reference counts, which every call's futures update from both worker
+// threads, sit on their own cache line instead of the settings every call reads.
+#[repr(align(128))]
 pub(crate) struct Protocol {
     pub(crate) settings: Settings,
     /// The settings' observers, with metric handles registered when the service was made.
