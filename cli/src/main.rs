@@ -3,7 +3,7 @@
 //! ```text
 //! tower-idempotency list   [--limit N]                       claims under the namespace
 //! tower-idempotency show    KEY                              one claim
-//! tower-idempotency release KEY --why TEXT [--who NAME]      delete a claim, whoever holds it
+//! tower-idempotency release KEY [--why TEXT] [--who NAME]    delete a claim, whoever holds it
 //! tower-idempotency wedged --time-left-over-ms N [--limit N] claims that will not free themselves soon
 //! ```
 //!
@@ -149,11 +149,12 @@ enum Command {
     Release {
         /// The key, without the namespace.
         key: String,
-        /// Why the claim is released (logged).
-        #[arg(long)]
+        /// Why the claim is released (logged). Say it: the log is how the next person learns
+        /// why a job may have run twice.
+        #[arg(long, default_value = "not given")]
         why: String,
-        /// Who releases it (logged). Default: $USER.
-        #[arg(long, env = "USER")]
+        /// Who releases it (logged). Default: $USER, else `unknown`.
+        #[arg(long, env = "USER", default_value = "unknown")]
         who: String,
     },
     /// Claims that will not free themselves soon: no expiry, or more time left than the
