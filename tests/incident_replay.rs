@@ -8,22 +8,8 @@ use std::process::Command;
 
 use common::RedisServer;
 
-/// The example binary `cargo test` built next to this test's binary.
 fn example_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test> -> target/<profile>/examples/incident_replay
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target dir")
-        .join("examples")
-        .join("incident_replay");
-    assert!(
-        bin.exists(),
-        "{} is missing: `cargo test --all-features` builds the examples; run `cargo build --examples --all-features` first",
-        bin.display()
-    );
-    bin
+    common::example_binary("incident_replay")
 }
 
 #[test]

@@ -110,19 +110,7 @@ async fn a_review_request_takes_the_claim_over_once_per_delivery() {
 
 /// The `github_webhook` example binary `cargo test` built next to this test's binary.
 fn router_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target dir")
-        .join("examples")
-        .join("github_webhook");
-    assert!(
-        bin.exists(),
-        "{} is missing: `cargo test --all-features` builds the examples",
-        bin.display()
-    );
-    bin
+    common::example_binary("github_webhook")
 }
 
 /// One router process, killed on drop.

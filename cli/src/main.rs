@@ -25,7 +25,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use tower_idempotency::RedisStore;
 use tower_idempotency::StoreError;
-use tower_idempotency::store::{KeyInfo, KeyState, ScanKeyspace};
+use tower_idempotency::store::{KeyInfo, KeyState, ScanKeyspace, redact_password};
 
 /// The default when neither `--redis`, `--redis-cluster` nor `REDIS_URL` is given.
 const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
@@ -195,7 +195,7 @@ async fn run(cli: Cli) -> ExitCode {
     };
     match &cli.global.redis_cluster {
         Some(nodes) => {
-            let shown: Vec<String> = nodes.iter().map(|n| redact(n)).collect();
+            let shown: Vec<String> = nodes.iter().map(|n| redact_password(n)).collect();
             #[allow(unused_mut)]
             let mut builder = RedisStore::cluster_builder(nodes.iter().cloned()).timeout(timeout);
             #[cfg(feature = "tls-rustls")]
@@ -240,7 +240,7 @@ async fn run(cli: Cli) -> ExitCode {
             }
             match builder.connect().await {
                 Ok(store) => execute(&store, &cli).await,
-                Err(e) => connect_failed(&redact(&url), &e),
+                Err(e) => connect_failed(&redact_password(&url), &e),
             }
         }
     }
@@ -409,20 +409,6 @@ fn chain(e: &dyn Error) -> String {
     text
 }
 
-/// `redis://user:secret@host` -> `redis://user:***@host`, so messages leak no password.
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let Some((userinfo, host)) = rest.rsplit_once('@') else {
-        return url.to_owned();
-    };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => format!("{scheme}://***@{host}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -435,7 +421,7 @@ mod tests {
 
     #[test]
     fn redact_hides_passwords_in_urls() {
-        assert_eq!(redact("redis://u:pw@h:1"), "redis://u:***@h:1");
-        assert_eq!(redact("redis://h:1"), "redis://h:1");
+        assert_eq!(redact_password("redis://u:pw@h:1"), "redis://u:***@h:1");
+        assert_eq!(redact_password("redis://h:1"), "redis://h:1");
     }
 }

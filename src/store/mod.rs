@@ -16,7 +16,7 @@ mod memory;
 mod redis;
 
 #[cfg(feature = "redis")]
-pub use self::redis::{DEFAULT_TIMEOUT, RedisStore, RedisStoreBuilder};
+pub use self::redis::{DEFAULT_TIMEOUT, RedisStore, RedisStoreBuilder, redact_password};
 #[cfg(feature = "redis")]
 mod inspect;
 #[cfg(feature = "redis")]

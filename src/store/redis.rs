@@ -112,8 +112,15 @@ impl fmt::Debug for RedisStoreBuilder {
     }
 }
 
-/// `redis://user:secret@host` -> `redis://user:***@host`, so a logged builder leaks no password.
-pub(crate) fn redact_password(url: &str) -> String {
+/// A Redis URL fit to show: `redis://user:secret@host` becomes `redis://user:***@host`, so a
+/// logged builder or an error message leaks no password.
+///
+/// ```
+/// use tower_idempotency::store::redact_password;
+/// assert_eq!(redact_password("redis://svc:hunter2@cache:6379/0"), "redis://svc:***@cache:6379/0");
+/// assert_eq!(redact_password("redis://cache:6379"), "redis://cache:6379");
+/// ```
+pub fn redact_password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };

@@ -30,3 +30,22 @@ pub async fn raw_conn(server: &RedisServer) -> redis::aio::MultiplexedConnection
         .await
         .expect("connect")
 }
+
+/// An example binary `cargo test` built next to this test's binary (an unfiltered `cargo test`
+/// builds the examples; run `cargo build --examples --all-features` before a filtered one).
+pub fn example_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/examples/<name>
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .join("examples")
+        .join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: `cargo test --all-features` builds the examples; run `cargo build --examples --all-features` first",
+        bin.display()
+    );
+    bin
+}
