@@ -33,6 +33,52 @@ pub enum Settle {
 pub trait ClassifyOutcome<Res, E> {
     /// Classifies one result.
     fn classify(&self, result: &Result<Res, E>) -> Settle;
+
+    /// The outcome to store with the completed record of a kept result, which duplicates then
+    /// receive ([`RecordState::Completed`](crate::RecordState::Completed)). Storing is opt-in:
+    /// the default stores nothing. See
+    /// [`IdempotencyLayer::with_stored_outcome`](crate::IdempotencyLayer::with_stored_outcome).
+    fn outcome(&self, result: &Result<Res, E>) -> Option<Vec<u8>> {
+        let _ = result;
+        None
+    }
+}
+
+/// A classifier that also stores an outcome: `classifier` decides keep or release, `store`
+/// what a kept result leaves in its completed record. Made by
+/// [`IdempotencyLayer::with_stored_outcome`](crate::IdempotencyLayer::with_stored_outcome).
+///
+/// ```
+/// use tower_idempotency::{ClassifyOutcome, DefaultClassifier, StoredOutcome};
+///
+/// let c = StoredOutcome::new(DefaultClassifier::new(), |r: &Result<u32, ()>| r.as_ref().ok().map(|n| n.to_string().into_bytes()));
+/// assert_eq!(c.outcome(&Ok(7)), Some(b"7".to_vec()));
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct StoredOutcome<C, F> {
+    classifier: C,
+    store: F,
+}
+
+impl<C, F> StoredOutcome<C, F> {
+    /// `classifier`, storing what `store` returns.
+    pub const fn new(classifier: C, store: F) -> Self {
+        Self { classifier, store }
+    }
+}
+
+impl<C, F, Res, E> ClassifyOutcome<Res, E> for StoredOutcome<C, F>
+where
+    C: ClassifyOutcome<Res, E>,
+    F: Fn(&Result<Res, E>) -> Option<Vec<u8>>,
+{
+    fn classify(&self, result: &Result<Res, E>) -> Settle {
+        self.classifier.classify(result)
+    }
+
+    fn outcome(&self, result: &Result<Res, E>) -> Option<Vec<u8>> {
+        (self.store)(result)
+    }
 }
 
 impl<F, Res, E> ClassifyOutcome<Res, E> for F

@@ -4,26 +4,36 @@ use std::fmt;
 
 use crate::extract::BoxError;
 use crate::settings::ConfigError;
+use crate::store::Record;
 use crate::{IdempotencyKey, StoreError};
 
 /// The error of an [`Idempotency`](crate::Idempotency) service: either a short-circuit the
 /// layer decided, or the inner service's own error.
 ///
 /// ```
+/// use tower_idempotency::store::{ClaimToken, Record};
 /// use tower_idempotency::{IdempotencyError, IdempotencyKey};
 ///
-/// let err: IdempotencyError<std::io::Error> =
-///     IdempotencyError::Duplicate { key: IdempotencyKey::new("k").unwrap() };
+/// let err: IdempotencyError<std::io::Error> = IdempotencyError::Duplicate {
+///     key: IdempotencyKey::new("k").unwrap(),
+///     record: Record::completed(&ClaimToken::generate(), None),
+/// };
 /// assert!(err.is_duplicate());
-/// assert_eq!(err.to_string(), "duplicate: key `k` is already claimed");
+/// assert!(err.is_duplicate_completed());
+/// assert_eq!(err.to_string(), "duplicate: key `k` is already claimed (completed)");
 /// ```
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum IdempotencyError<E> {
-    /// Someone else holds the claim on this key; the inner service was not called.
+    /// Someone else holds the claim on this key; the inner service was not called. The record
+    /// says whether the original is still **in progress** (a queue consumer should leave the
+    /// message pending: if the original is blocked or fails, the retry dispatches) or
+    /// **completed** (ack it), with its stored outcome.
     Duplicate {
         /// The key (without namespace).
         key: IdempotencyKey,
+        /// The record that made this call a duplicate.
+        record: Record,
     },
     /// The store could not be reached, so the call failed closed; the inner service was not
     /// called. Retry later.
@@ -66,7 +76,11 @@ pub enum IdempotencyError<E> {
 impl<E: fmt::Display> fmt::Display for IdempotencyError<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            IdempotencyError::Duplicate { key } => write!(f, "duplicate: key `{key}` is already claimed"),
+            IdempotencyError::Duplicate { key, record } => write!(
+                f,
+                "duplicate: key `{key}` is already claimed ({})",
+                if record.state().is_completed() { "completed" } else { "in progress" }
+            ),
             IdempotencyError::StoreUnavailable { key, .. } => write!(
                 f,
                 "idempotency store unavailable for key `{key}`; failed closed, nothing was dispatched"
@@ -114,6 +128,24 @@ impl<E> IdempotencyError<E> {
         matches!(self, IdempotencyError::Duplicate { .. })
     }
 
+    /// Whether this is a duplicate of an original that is still in progress.
+    pub fn is_duplicate_in_progress(&self) -> bool {
+        self.record().is_some_and(|r| r.state().is_in_progress())
+    }
+
+    /// Whether this is a duplicate of an original that completed.
+    pub fn is_duplicate_completed(&self) -> bool {
+        self.record().is_some_and(|r| r.state().is_completed())
+    }
+
+    /// The record behind a duplicate short-circuit.
+    pub fn record(&self) -> Option<&Record> {
+        match self {
+            IdempotencyError::Duplicate { record, .. } => Some(record),
+            _ => None,
+        }
+    }
+
     /// Whether the store was unavailable and the call failed closed.
     pub fn is_store_unavailable(&self) -> bool {
         matches!(self, IdempotencyError::StoreUnavailable { .. })
@@ -128,7 +160,7 @@ impl<E> IdempotencyError<E> {
     /// The key this error concerns, when one was extracted.
     pub fn key(&self) -> Option<&IdempotencyKey> {
         match self {
-            IdempotencyError::Duplicate { key }
+            IdempotencyError::Duplicate { key, .. }
             | IdempotencyError::StoreUnavailable { key, .. }
             | IdempotencyError::ClaimLost { key }
             | IdempotencyError::ReleaseFailed { key, .. } => Some(key),

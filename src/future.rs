@@ -14,17 +14,18 @@ use tracing::Span;
 pub(crate) use crate::error::Chain;
 
 use crate::IdempotencyKey;
-use crate::classify::ClassifyOutcome;
+use crate::classify::{ClassifyOutcome, Settle};
 use crate::error::IdempotencyError;
 use crate::extract::BoxError;
-use crate::protocol::{Claiming, Decision, Lease, Protocol, Releasing, Running};
+use crate::protocol::{Claiming, Decision, Lease, Protocol, Running, Settling};
 use crate::store::ClaimToken;
 
 /// Response future of [`Idempotency`](crate::Idempotency).
 ///
 /// A state machine over the claim protocol: `Claiming` (one store round trip, possibly shared
 /// with concurrent callers of the same key) → `Calling` (the inner service, with renewal when
-/// configured) → `Releasing` (only when the classifier says the job was blocked).
+/// configured) → `Settling` (completing the record of a kept job, or releasing the claim of a
+/// blocked one).
 ///
 /// **Dropped early?** Dropped while claiming: if the claim may have reached the store and no
 /// other caller holds it, a token-checked removal is handed to the layer's background owner
@@ -61,8 +62,8 @@ where
         fut: S::Future,
         running: Option<Running>,
     },
-    Releasing {
-        releasing: Releasing,
+    Settling {
+        settling: Settling,
         result: Option<Result<S::Response, S::Error>>,
     },
     Done {
@@ -78,7 +79,7 @@ where
         let state = match &self.state {
             State::Claiming { .. } => "claiming",
             State::Calling { .. } => "calling",
-            State::Releasing { .. } => "releasing",
+            State::Settling { .. } => "settling",
             State::Done { .. } => "done",
         };
         f.debug_struct("ResponseFuture")
@@ -184,8 +185,8 @@ where
                             fut: inner.call(req),
                             running: lease.map(Lease::run),
                         },
-                        Decision::Duplicate => State::Done {
-                            result: Some(Err(IdempotencyError::Duplicate { key })),
+                        Decision::Duplicate(record) => State::Done {
+                            result: Some(Err(IdempotencyError::Duplicate { key, record })),
                         },
                         Decision::Unavailable(source) => State::Done {
                             result: Some(Err(IdempotencyError::StoreUnavailable { key, source })),
@@ -214,16 +215,21 @@ where
                         // land: nothing to settle.
                         return Poll::Ready(result.map_err(IdempotencyError::Inner));
                     };
-                    match run.settle(this.classifier.classify(&result)) {
+                    let settle = this.classifier.classify(&result);
+                    let outcome = match settle {
+                        Settle::Keep => this.classifier.outcome(&result),
+                        Settle::Release => None,
+                    };
+                    match run.settle(settle, outcome) {
                         None => return Poll::Ready(result.map_err(IdempotencyError::Inner)),
-                        Some(releasing) => this.state.set(State::Releasing {
-                            releasing,
+                        Some(settling) => this.state.set(State::Settling {
+                            settling,
                             result: Some(result),
                         }),
                     }
                 }
-                StateProj::Releasing { releasing, result } => {
-                    let released = ready!(releasing.poll_released(cx));
+                StateProj::Settling { settling, result } => {
+                    let released = ready!(settling.poll_settled(cx));
                     let Some(result) = result.take() else {
                         polled_after_completion()
                     };

@@ -4,7 +4,7 @@ use std::fmt;
 
 use tower::Layer;
 
-use crate::classify::DefaultClassifier;
+use crate::classify::{DefaultClassifier, StoredOutcome};
 use crate::extract::{WithOverride, WithOwner};
 use crate::protocol::Protocol;
 use crate::service::Idempotency;
@@ -115,6 +115,35 @@ impl<X, C> IdempotencyLayer<X, C> {
             settings: self.settings,
             extractor: self.extractor,
             classifier,
+        }
+    }
+
+    /// Stores an outcome with the completed record of every kept result: `store` returns the
+    /// bytes (or `None` to store nothing), and a later duplicate receives them in
+    /// [`IdempotencyError::Duplicate`](crate::IdempotencyError::Duplicate)'s record. Outcomes
+    /// over [`with_max_outcome_size`](Self::with_max_outcome_size) are not stored.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use tower::{Layer, ServiceExt};
+    /// use tower_idempotency::{IdempotencyKey, IdempotencyLayer, KeyError, MemoryStore, RecordState};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let layer = IdempotencyLayer::new(MemoryStore::new(), |job: &String| -> Result<_, KeyError> {
+    ///     IdempotencyKey::new(job).map(Some)
+    /// })
+    /// .with_stored_outcome(|r: &Result<u64, Infallible>| r.as_ref().ok().map(|id| id.to_string().into_bytes()));
+    /// let svc = layer.layer(tower::service_fn(|_: String| async { Ok::<_, Infallible>(42u64) }));
+    /// assert_eq!(svc.clone().oneshot("job-1".to_owned()).await.unwrap(), 42);
+    /// let duplicate = svc.oneshot("job-1".to_owned()).await.unwrap_err();
+    /// assert_eq!(duplicate.record().map(|r| r.state()), Some(&RecordState::Completed { outcome: Some(b"42".to_vec()) }));
+    /// # }
+    /// ```
+    pub fn with_stored_outcome<F>(self, store: F) -> IdempotencyLayer<X, StoredOutcome<C, F>> {
+        IdempotencyLayer {
+            settings: self.settings,
+            extractor: self.extractor,
+            classifier: StoredOutcome::new(self.classifier, store),
         }
     }
 

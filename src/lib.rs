@@ -69,7 +69,7 @@ mod service;
 mod settings;
 pub mod store;
 
-pub use classify::{ClassifyOutcome, DefaultClassifier, Settle};
+pub use classify::{ClassifyOutcome, DefaultClassifier, Settle, StoredOutcome};
 pub use error::IdempotencyError;
 pub use extract::{BoxError, KeyExtractor, WithOverride, WithOwner};
 pub use future::ResponseFuture;
@@ -77,8 +77,10 @@ pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
 pub use layer::IdempotencyLayer;
 pub use report::{DEFAULT_REPORT_INTERVAL, DEFAULT_SENTRY_TAG};
 pub use service::Idempotency;
-pub use settings::{ConfigError, DEFAULT_MAX_HOLD_TTLS, DEFAULT_TTL, LostClaimPolicy, StoreErrorPolicy};
-pub use store::{ClaimOutcome, MemoryStore, StoreError};
+pub use settings::{
+    ConfigError, DEFAULT_MAX_HOLD_TTLS, DEFAULT_MAX_OUTCOME_SIZE, DEFAULT_TTL, LostClaimPolicy, StoreErrorPolicy,
+};
+pub use store::{ClaimOutcome, ClaimReply, MemoryStore, Record, RecordState, StoreError};
 #[cfg(feature = "redis")]
 pub use store::{RedisStore, RedisStoreBuilder};
 

@@ -6,7 +6,7 @@
 //! | metric (OpenTelemetry naming) | kind | unit | labels | what it counts |
 //! |---|---|---|---|---|
 //! | `idempotency.outcomes` | counter | `{outcome}` | `layer`, `outcome` | every decision and settlement, by [`Outcome`] |
-//! | `idempotency.store.duration` | histogram | `s` | `layer`, `operation` (`claim`, `release`, `renew`, `take_over`, `cleanup`), `result` (`ok`, `error`) | latency of each store round trip |
+//! | `idempotency.store.duration` | histogram | `s` | `layer`, `operation` (`claim`, `complete`, `release`, `renew`, `take_over`, `cleanup`), `result` (`ok`, `error`) | latency of each store round trip |
 //! | `idempotency.hold.duration` | histogram | `s` | `layer` | how long a dispatched job held its claim (acquired → kept, released, lost or dropped) |
 //! | `idempotency.background.pending` | gauge | `{claim}` | `layer` | claims the background owner is still removing or releasing |
 //!
@@ -24,8 +24,15 @@ use std::time::Duration;
 pub enum Outcome {
     /// The claim was acquired: dispatching.
     Claimed,
-    /// Someone else holds the key: short-circuited.
-    Duplicate,
+    /// Someone else holds the key and the original is still in progress: short-circuited.
+    DuplicateInProgress,
+    /// The key's original completed: short-circuited.
+    DuplicateCompleted,
+    /// A finished job's record was completed (kept for the retention).
+    Completed,
+    /// A finished job's record could not be completed; its claim stays in progress until its
+    /// TTL.
+    CompleteFailed,
     /// A human override took the key over.
     Override,
     /// A blocked job's claim was released.
@@ -49,7 +56,10 @@ impl Outcome {
     pub fn as_str(&self) -> &'static str {
         match self {
             Outcome::Claimed => "claimed",
-            Outcome::Duplicate => "duplicate",
+            Outcome::DuplicateInProgress => "duplicate_in_progress",
+            Outcome::DuplicateCompleted => "duplicate_completed",
+            Outcome::Completed => "completed",
+            Outcome::CompleteFailed => "complete_failed",
             Outcome::Override => "override",
             Outcome::Released => "released",
             Outcome::ReleaseFailed => "release_failed",
@@ -81,7 +91,7 @@ impl fmt::Display for Outcome {
 ///
 /// impl Observer for Duplicates {
 ///     fn outcome(&self, _layer: &str, outcome: Outcome) {
-///         if outcome == Outcome::Duplicate {
+///         if matches!(outcome, Outcome::DuplicateInProgress | Outcome::DuplicateCompleted) {
 ///             self.0.fetch_add(1, Ordering::Relaxed);
 ///         }
 ///     }
@@ -166,9 +176,12 @@ pub fn describe_metrics() {
 
 /// Every outcome, in declaration order (indexes the cached counters).
 #[cfg(feature = "metrics")]
-const ALL_OUTCOMES: [Outcome; 10] = [
+const ALL_OUTCOMES: [Outcome; 13] = [
     Outcome::Claimed,
-    Outcome::Duplicate,
+    Outcome::DuplicateInProgress,
+    Outcome::DuplicateCompleted,
+    Outcome::Completed,
+    Outcome::CompleteFailed,
     Outcome::Override,
     Outcome::Released,
     Outcome::ReleaseFailed,
@@ -181,7 +194,7 @@ const ALL_OUTCOMES: [Outcome; 10] = [
 
 /// The store operations timed.
 #[cfg(feature = "metrics")]
-const OPERATIONS: [&str; 5] = ["claim", "release", "renew", "take_over", "cleanup"];
+const OPERATIONS: [&str; 6] = ["claim", "complete", "release", "renew", "take_over", "cleanup"];
 
 /// Metric handles registered once per service (when the layer makes it), so the request path
 /// only increments: install the recorder before the layer wraps its services.

@@ -124,7 +124,20 @@ pub enum ConfigError {
         "max hold is zero: renewal would stop at once; set `with_max_hold` to the longest a job may keep its key, or leave the default"
     )]
     ZeroMaxHold,
+    /// The retention of completed records is zero or longer than the store can express.
+    #[error(
+        "retention {retention:?} is not between 1 ms and the store's maximum {max:?}: a completed record must be kept for a while for duplicates to see it; set `with_retention`"
+    )]
+    BadRetention {
+        /// The retention asked for.
+        retention: Duration,
+        /// The store's maximum.
+        max: Duration,
+    },
 }
+
+/// Default largest outcome stored with a completed record: 64 KiB.
+pub const DEFAULT_MAX_OUTCOME_SIZE: usize = 64 * 1024;
 
 /// Everything a layer captures at construction, shared with every service it makes.
 #[derive(Clone)]
@@ -141,6 +154,13 @@ pub(crate) struct Settings {
     pub(crate) coalescer: Option<Arc<Coalescer>>,
     pub(crate) background: Arc<Background>,
     pub(crate) observers: Observers,
+    /// Complete the record of a finished job (one more round trip), or leave its claim in
+    /// progress until the TTL.
+    pub(crate) records: bool,
+    /// How long a completed record is kept; `None`: the TTL.
+    pub(crate) retention: Option<Duration>,
+    /// The largest outcome stored with a record.
+    pub(crate) max_outcome_size: usize,
 }
 
 impl std::fmt::Debug for Settings {
@@ -154,6 +174,9 @@ impl std::fmt::Debug for Settings {
             .field("max_hold", &self.max_hold())
             .field("lost_claim", &self.lost_claim)
             .field("coalesce", &self.coalescer.is_some())
+            .field("records", &self.records)
+            .field("retention", &self.retention())
+            .field("max_outcome_size", &self.max_outcome_size)
             .finish_non_exhaustive()
     }
 }
@@ -174,7 +197,15 @@ impl Settings {
             reporter: Arc::new(Reporter::new(DEFAULT_SENTRY_TAG.to_owned(), DEFAULT_REPORT_INTERVAL)),
             coalescer: None,
             observers: Observers::default(),
+            records: true,
+            retention: None,
+            max_outcome_size: DEFAULT_MAX_OUTCOME_SIZE,
         }
+    }
+
+    /// How long a completed record is kept: the configured retention, else the TTL.
+    pub(crate) fn retention(&self) -> Duration {
+        self.retention.unwrap_or(self.ttl)
     }
 
     /// The maximum hold in force: the configured one, else [`DEFAULT_MAX_HOLD_TTLS`] TTLs.
@@ -207,6 +238,10 @@ impl Settings {
         }
         if self.max_hold.is_some_and(|d| d.is_zero()) {
             return Err(ConfigError::ZeroMaxHold);
+        }
+        let retention = self.retention();
+        if retention < Duration::from_millis(1) || retention > max {
+            return Err(ConfigError::BadRetention { retention, max });
         }
         Ok(())
     }
@@ -327,6 +362,33 @@ macro_rules! settings_builders {
         /// the `metrics` facade as well.
         pub fn with_observer(mut self, observer: impl $crate::observe::Observer) -> Self {
             self.settings.observers.push(std::sync::Arc::new(observer));
+            self
+        }
+
+        /// Whether a finished job's record is **completed** (default `true`): one more store
+        /// round trip after the job, so a later duplicate learns that the original finished
+        /// (and its stored outcome) rather than that it is still in progress. With `false` the
+        /// claim is left in progress until its TTL (one round trip per dispatch); duplicates
+        /// then always report "in progress".
+        pub fn with_records(mut self, records: bool) -> Self {
+            self.settings.records = records;
+            self
+        }
+
+        /// How long a completed record is kept (default: the TTL), separately from the lease
+        /// of a job in progress (the TTL, renewed). Duplicates within it are answered
+        /// "completed" (with the stored outcome). Zero, or longer than the store can express,
+        /// is refused by `build()`.
+        pub fn with_retention(mut self, retention: std::time::Duration) -> Self {
+            self.settings.retention = Some(retention);
+            self
+        }
+
+        /// The largest outcome stored with a completed record (default
+        /// [`DEFAULT_MAX_OUTCOME_SIZE`](crate::DEFAULT_MAX_OUTCOME_SIZE), 64 KiB); a
+        /// larger one is not stored — the record is completed without it (logged at `warn`).
+        pub fn with_max_outcome_size(mut self, bytes: usize) -> Self {
+            self.settings.max_outcome_size = bytes;
             self
         }
 

@@ -57,6 +57,28 @@ impl<S: IdempotencyStore> IdempotencyStore for Prefixed<S> {
     async fn renew(&self, key: &str, token: &ClaimToken, ttl: Duration) -> Result<bool, tower_idempotency::StoreError> {
         self.inner.renew(&format!("{}{key}", self.prefix), token, ttl).await
     }
+    async fn claim_record(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        ttl: Duration,
+    ) -> Result<tower_idempotency::ClaimReply, tower_idempotency::StoreError> {
+        self.inner.claim_record(&format!("{}{key}", self.prefix), token, ttl).await
+    }
+    async fn complete(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        outcome: Option<&[u8]>,
+        retention: Duration,
+    ) -> Result<bool, tower_idempotency::StoreError> {
+        self.inner
+            .complete(&format!("{}{key}", self.prefix), token, outcome, retention)
+            .await
+    }
+    async fn take_over(&self, key: &str, token: &ClaimToken, ttl: Duration) -> Result<bool, tower_idempotency::StoreError> {
+        self.inner.take_over(&format!("{}{key}", self.prefix), token, ttl).await
+    }
 }
 
 fn harness(store: &RedisStore<ClusterConnection>, case: &str) -> Harness<Prefixed<RedisStore<ClusterConnection>>> {

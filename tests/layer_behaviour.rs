@@ -103,7 +103,7 @@ async fn duplicate_is_short_circuited_without_calling_inner() {
     );
     let err = svc.clone().oneshot(job("k", Answer::Dispatched)).await.unwrap_err();
     assert!(
-        matches!(&err, IdempotencyError::Duplicate { key } if key.as_str() == "k"),
+        matches!(&err, IdempotencyError::Duplicate { key, .. } if key.as_str() == "k"),
         "{err:?}"
     );
     assert_eq!(calls.get(), 1, "the duplicate never reached the inner service");

@@ -85,7 +85,12 @@ fn outcomes_store_latency_hold_time_and_background_work_are_recorded_by_layer_ne
     let metrics = snapshot(&snapshotter);
     let outcome = |o: &str| find(&metrics, "idempotency.outcomes", &[("layer", "review"), ("outcome", o)]);
     assert_eq!(outcome("claimed"), Some(&DebugValue::Counter(2)), "{metrics:#?}");
-    assert_eq!(outcome("duplicate"), Some(&DebugValue::Counter(1)));
+    assert_eq!(
+        outcome("duplicate_completed"),
+        Some(&DebugValue::Counter(1)),
+        "the first call completed its record"
+    );
+    assert_eq!(outcome("completed"), Some(&DebugValue::Counter(2)));
     assert_eq!(outcome("failed_closed"), Some(&DebugValue::Counter(1)));
     let claims = find(
         &metrics,
@@ -155,7 +160,8 @@ fn an_observer_sees_every_outcome_with_the_layer_name() {
         seen,
         vec![
             ("queue".to_owned(), Outcome::Claimed),
-            ("queue".to_owned(), Outcome::Duplicate)
+            ("queue".to_owned(), Outcome::Completed),
+            ("queue".to_owned(), Outcome::DuplicateCompleted)
         ]
     );
 }

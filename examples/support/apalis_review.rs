@@ -204,7 +204,7 @@ where
             );
             ctx.raw_status().store(status);
             match err {
-                IdempotencyError::Duplicate { key } => Ok(Handled::Duplicate { key: key.to_string() }),
+                IdempotencyError::Duplicate { key, .. } => Ok(Handled::Duplicate { key: key.to_string() }),
                 err => Err(into_box(err)),
             }
         })

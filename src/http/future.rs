@@ -380,7 +380,7 @@ where
                     let response = match ready!(fut.poll(cx)) {
                         Ok(response) => return Poll::Ready(Ok(response.map(Either::Left))),
                         Err(IdempotencyError::Inner(error)) => return Poll::Ready(Err(error)),
-                        Err(IdempotencyError::Duplicate { key }) => responses.duplicate(&key),
+                        Err(IdempotencyError::Duplicate { key, .. }) => responses.duplicate(&key),
                         Err(IdempotencyError::StoreUnavailable { .. }) => responses.unavailable(),
                         Err(IdempotencyError::ClaimLost { key }) => responses.claim_lost(&key),
                         Err(IdempotencyError::InvalidKey { source }) => responses.invalid(&*source),

@@ -32,7 +32,7 @@ use crate::IdempotencyKey;
 use crate::error::Chain;
 use crate::observe::Outcome;
 use crate::settings::StoreErrorPolicy;
-use crate::store::{BoxFuture, ClaimOutcome, ClaimToken, StoreError};
+use crate::store::{BoxFuture, ClaimReply, ClaimToken, Record, StoreError};
 
 /// What the protocol decided for one caller.
 pub(crate) enum Decision {
@@ -40,8 +40,8 @@ pub(crate) enum Decision {
     /// after a store error that may have applied); without one in shadow mode or when failing
     /// open on a claim that certainly did not land.
     Dispatch(Option<Lease>),
-    /// Someone else holds the key.
-    Duplicate,
+    /// Someone else holds the key: the record says in progress or completed.
+    Duplicate(Record),
     /// The store could not answer; failed closed.
     Unavailable(StoreError),
 }
@@ -105,12 +105,12 @@ struct AttemptState {
 
 enum Progress {
     Sending {
-        claim: BoxFuture<Result<ClaimOutcome, StoreError>>,
+        claim: BoxFuture<Result<ClaimReply, StoreError>>,
         /// When it was first polled: from then on the command may have reached the store.
         sent: Option<std::time::Instant>,
     },
     /// The store's answer, and when it came (when an acquired claim's hold starts).
-    Answered(Result<ClaimOutcome, StoreError>, std::time::Instant),
+    Answered(Result<ClaimReply, StoreError>, std::time::Instant),
 }
 
 /// The members' wakers, once a second member has polled: the store call is then polled with a
@@ -179,13 +179,13 @@ impl Attempt {
         let identity_key: Arc<str> = Arc::from(format!("{main_key}:override:{identity}").as_str());
         let (store, ttl) = (protocol.settings.store.clone(), protocol.settings.ttl);
         let (id_key, main, tok, shown) = (identity_key.clone(), main_key.clone(), token.clone(), key.clone());
-        let claim: BoxFuture<Result<ClaimOutcome, StoreError>> = Box::pin(async move {
-            if store.clone().claim(id_key, tok.clone(), ttl).await? == ClaimOutcome::AlreadyClaimed {
-                return Ok(ClaimOutcome::AlreadyClaimed);
+        let claim: BoxFuture<Result<ClaimReply, StoreError>> = Box::pin(async move {
+            if let ClaimReply::Held(record) = store.clone().claim(id_key, tok.clone(), ttl).await? {
+                return Ok(ClaimReply::Held(record));
             }
             let took_over = store.take_over(main, tok, ttl).await?;
             tracing::info!(key = %shown, outcome = "override", took_over, "override: claim taken over");
-            Ok(ClaimOutcome::Acquired)
+            Ok(ClaimReply::Acquired)
         });
         Self::with_claim(protocol, key, identity_key, Some(main_key), token, claim, false)
     }
@@ -196,7 +196,7 @@ impl Attempt {
         full_key: Arc<str>,
         also: Option<Arc<str>>,
         token: ClaimToken,
-        claim: BoxFuture<Result<ClaimOutcome, StoreError>>,
+        claim: BoxFuture<Result<ClaimReply, StoreError>>,
         coalesced: bool,
     ) -> Self {
         Self {
@@ -251,7 +251,7 @@ impl Attempt {
         let settings = &self.protocol.settings;
         let key = &self.key;
         match answer {
-            Ok(ClaimOutcome::Acquired) if !*lease_taken => {
+            Ok(ClaimReply::Acquired) if !*lease_taken => {
                 *lease_taken = true;
                 let observers = &self.protocol.observers;
                 if self.also.is_some() {
@@ -261,14 +261,17 @@ impl Attempt {
                 tracing::info!(key = %key, outcome = "claimed", "claimed; dispatching");
                 Decision::Dispatch(Some(self.lease(true, *answered_at)))
             }
-            Ok(_) => self.duplicate(),
+            // Another member of this attempt took the lease: its claim is in progress.
+            Ok(ClaimReply::Acquired) => self.duplicate(Record::in_progress(&self.token, Some(settings.ttl))),
+            Ok(ClaimReply::Held(record)) => self.duplicate(record.clone()),
             Err(error) if settings.store_error_policy == StoreErrorPolicy::FailClosed && !settings.shadow => {
                 self.protocol.observers.outcome(Outcome::FailedClosed);
                 tracing::error!(key = %key, outcome = "store_unavailable", error = %Chain(error), "idempotency store error; failing closed, nothing dispatched");
                 settings.reporter.store_error(&self.full_key, error, true);
                 Decision::Unavailable(error.clone())
             }
-            Err(_) if *dispatch_taken => self.duplicate(),
+            // Another member dispatched on this error, under this attempt's token.
+            Err(_) if *dispatch_taken => self.duplicate(Record::in_progress(&self.token, None)),
             Err(error) => {
                 *dispatch_taken = true;
                 // If the claim may have landed, it protects this dispatch: keep it, never clean
@@ -293,18 +296,22 @@ impl Attempt {
         }
     }
 
-    fn duplicate(&self) -> Decision {
+    fn duplicate(&self, record: Record) -> Decision {
+        let completed = record.state().is_completed();
         self.protocol.observers.outcome(if self.protocol.settings.shadow {
             Outcome::ShadowWouldSkip
+        } else if completed {
+            Outcome::DuplicateCompleted
         } else {
-            Outcome::Duplicate
+            Outcome::DuplicateInProgress
         });
+        let state = if completed { "completed" } else { "in_progress" };
         if self.protocol.settings.shadow {
-            tracing::info!(key = %self.key, outcome = "shadow_duplicate", shadow = true, "shadow mode: would have skipped a duplicate; dispatching");
+            tracing::info!(key = %self.key, outcome = "shadow_duplicate", state, shadow = true, "shadow mode: would have skipped a duplicate; dispatching");
             Decision::Dispatch(None)
         } else {
-            tracing::info!(key = %self.key, outcome = "duplicate", "duplicate; skipping");
-            Decision::Duplicate
+            tracing::info!(key = %self.key, outcome = "duplicate", state, "duplicate; skipping");
+            Decision::Duplicate(record)
         }
     }
 }
@@ -314,8 +321,8 @@ impl Drop for Attempt {
         let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         let maybe_landed = match &state.progress {
             Progress::Sending { sent, .. } => sent.is_some(),
-            Progress::Answered(Ok(ClaimOutcome::Acquired), _) => true,
-            Progress::Answered(Ok(ClaimOutcome::AlreadyClaimed), _) => false,
+            Progress::Answered(Ok(ClaimReply::Acquired), _) => true,
+            Progress::Answered(Ok(ClaimReply::Held(_)), _) => false,
             Progress::Answered(Err(error), _) => error.may_have_applied(),
         };
         if maybe_landed && !state.lease_taken {

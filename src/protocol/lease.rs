@@ -3,7 +3,8 @@
 //! Drop semantics, which the futures inherit:
 //! - dropped while the job runs ([`Running`]): the claim is **kept** until its TTL — the job may
 //!   already have had its effect, and a second dispatch is what this crate prevents;
-//! - dropped while releasing ([`Releasing`]): the release is finished by the background owner.
+//! - dropped while releasing ([`Settling`]): the release is finished by the background owner;
+//!   dropped while completing: the claim stays in progress until its TTL (never re-dispatched).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -164,13 +165,43 @@ impl Running {
         }
     }
 
-    /// The job finished: keep the claim, or start releasing it.
-    pub(crate) fn settle(mut self, settle: Settle) -> Option<Releasing> {
+    /// The job finished: keep the claim (completing its record with `outcome`, when records are
+    /// on), or start releasing it.
+    pub(crate) fn settle(mut self, settle: Settle, outcome: Option<Vec<u8>>) -> Option<Settling> {
+        let settings = &self.lease.protocol.settings;
         match settle {
-            Settle::Keep => {
+            Settle::Keep if !settings.records => {
                 tracing::info!(key = %self.lease.key, outcome = "dispatched", "dispatched; claim kept until its TTL");
                 self.lease.settled = true;
                 None
+            }
+            Settle::Keep => {
+                let outcome = outcome.filter(|bytes| {
+                    let fits = bytes.len() <= settings.max_outcome_size;
+                    if !fits {
+                        tracing::warn!(key = %self.lease.key, size = bytes.len(), max = settings.max_outcome_size, "outcome larger than the maximum; the record is completed without it");
+                    }
+                    fits
+                });
+                let lease = self.lease;
+                let (store, retention) = (lease.protocol.settings.store.clone(), lease.protocol.settings.retention());
+                let observers = lease.protocol.observers.clone();
+                let (key, also, token) = (lease.full_key.clone(), lease.also.clone(), lease.token.clone());
+                let complete: BoxFuture<Result<bool, StoreError>> = Box::pin(async move {
+                    if let Some(also) = also {
+                        // An override completes the key it took over too.
+                        let main = store.clone().complete(also, token.clone(), outcome.clone(), retention);
+                        observers.timed("complete", main).await?;
+                    }
+                    observers
+                        .timed("complete", store.complete(key, token, outcome, retention))
+                        .await
+                });
+                Some(Settling {
+                    lease: Some(lease),
+                    call: complete,
+                    releasing: false,
+                })
             }
             Settle::Release => {
                 let lease = self.lease;
@@ -187,9 +218,10 @@ impl Running {
                     }
                     Ok(released)
                 });
-                Some(Releasing {
+                Some(Settling {
                     lease: Some(lease),
-                    release,
+                    call: release,
+                    releasing: true,
                 })
             }
         }
@@ -231,23 +263,42 @@ impl Renewal {
     }
 }
 
-/// Releasing the claim of a blocked job.
-pub(crate) struct Releasing {
-    /// `None` once the release has finished (or been handed to the background owner).
+/// Settling a finished job's claim: releasing it (blocked) or completing its record (kept).
+pub(crate) struct Settling {
+    /// `None` once the call has finished (or been handed to the background owner).
     lease: Option<Lease>,
-    release: BoxFuture<Result<bool, StoreError>>,
+    call: BoxFuture<Result<bool, StoreError>>,
+    releasing: bool,
 }
 
-impl Releasing {
-    /// Ready with `Ok` when the claim is gone, or with the key and error when it could not be
-    /// released: the claim still stands, and the background owner retries until it is released
-    /// or expires.
-    pub(crate) fn poll_released(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), (IdempotencyKey, StoreError)>> {
-        let answer = ready!(self.release.as_mut().poll(cx));
+impl Settling {
+    /// Ready with `Ok` when settled, or with the key and error when a blocked job's claim could
+    /// not be released: the claim still stands, and the background owner retries until it is
+    /// released or expires. A record that could not be completed is not an error of the call
+    /// (the job ran): its claim stays in progress until its TTL, logged at `error`.
+    pub(crate) fn poll_settled(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), (IdempotencyKey, StoreError)>> {
+        let answer = ready!(self.call.as_mut().poll(cx));
         let Some(mut lease) = self.lease.take() else {
             return Poll::Ready(Ok(()));
         };
         lease.settled = true;
+        if !self.releasing {
+            lease.protocol.observers.outcome(if answer.is_ok() {
+                Outcome::Completed
+            } else {
+                Outcome::CompleteFailed
+            });
+            match answer {
+                Ok(true) => tracing::info!(key = %lease.key, outcome = "completed", "dispatched; record completed"),
+                Ok(false) => {
+                    tracing::warn!(key = %lease.key, outcome = "completed", "dispatched, but the key is held by someone else now (taken over, or claimed after the lease expired); record left as it is")
+                }
+                Err(error) => {
+                    tracing::error!(key = %lease.key, outcome = "complete_failed", error = %Chain(&error), "dispatched, but completing the record failed; the claim stays in progress until its TTL")
+                }
+            }
+            return Poll::Ready(Ok(()));
+        }
         lease.protocol.observers.outcome(if answer.is_ok() {
             Outcome::Released
         } else {
@@ -268,12 +319,16 @@ impl Releasing {
     }
 }
 
-impl Drop for Releasing {
+impl Drop for Settling {
     fn drop(&mut self) {
         if let Some(mut lease) = self.lease.take() {
             lease.settled = true;
-            tracing::debug!(key = %lease.key, outcome = "dropped", "dropped while releasing; the release is finished in the background");
-            lease.release_in_background();
+            if self.releasing {
+                tracing::debug!(key = %lease.key, outcome = "dropped", "dropped while releasing; the release is finished in the background");
+                lease.release_in_background();
+            } else {
+                tracing::info!(key = %lease.key, outcome = "dropped", "dropped while completing the record; the claim stays in progress until its TTL");
+            }
         }
     }
 }

@@ -7,11 +7,14 @@
 //!   duplicate, or store unavailable — with the store-error policy and shadow mode applied and the
 //!   outcome logged.
 //! - A [`Lease`] is the claim while the job runs ([`Running`]: renewal, maximum hold, lost-claim
-//!   detection) and settles it: keep, or release ([`Releasing`]).
+//!   detection) and settles it: complete its record (or keep the claim), or release it
+//!   ([`Settling`]).
 //! - Whatever a caller leaves unfinished (a claim whose reply was lost, a future dropped while
 //!   claiming or releasing, a release that failed) goes to the one [`Background`] owner.
 //!
-//! Round trips: a claim costs one (`SET NX GET PX`), a duplicate one, a blocked job two.
+//! Round trips: a claim costs one (`SET NX GET PX`, which also returns the record a duplicate
+//! sees), a duplicate one, a completed job two (claim, complete), a blocked job two (claim,
+//! release); without records (`with_records(false)`) a kept job costs one.
 
 mod background;
 mod claim;
@@ -21,7 +24,7 @@ use std::sync::Arc;
 
 pub(crate) use background::Background;
 pub(crate) use claim::{Claiming, Coalescer, Decision};
-pub(crate) use lease::{Lease, Releasing, Running};
+pub(crate) use lease::{Lease, Running, Settling};
 
 use crate::IdempotencyKey;
 use crate::observe::Observers;

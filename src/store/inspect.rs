@@ -2,11 +2,11 @@
 //! not free themselves, and force-release a key by hand.
 //!
 //! This is the operator's side of [`RedisStore`], used by the `tower-idempotency` command-line
-//! tool (`cli/` in the repository). It reads the data model as it is today: a claim is one
-//! Redis string `<namespace><key>` whose value is the owner token, with a `PX` expiry. Nothing
-//! else is stored, so a [`KeyInfo`] reports the **owner** (the token) and the **time left**
-//! (`PTTL`), and reports the claim's age, a fencing token and the size of a stored outcome as
-//! absent (`None`): they do not exist in Redis, and this module does not guess them.
+//! tool (`cli/` in the repository). A key is one Redis string `<namespace><key>` holding a
+//! [`Record`](super::Record) (see [`store::Record`](super::Record) for the format) with a `PX`
+//! expiry: in progress or completed, its owner, and a stored outcome. A [`KeyInfo`] reports the
+//! state, the **owner**, the **time left** (`PTTL`) and the size of a stored outcome; the
+//! claim's age and a fencing token are not stored and are reported as absent (`None`).
 //!
 //! # Example
 //!
@@ -33,7 +33,7 @@ use futures_util::future::join_all;
 use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
 use redis::{RedisError, RedisResult};
 
-use super::StoreError;
+use super::{Record, RecordState, StoreError};
 use super::redis::RedisStore;
 
 /// How many keys `list` asks Redis for per `SCAN` call (`COUNT`, a hint Redis may exceed).
@@ -47,8 +47,10 @@ const LOOKUP_CONCURRENCY: usize = 32;
 #[non_exhaustive]
 pub enum KeyState {
     /// A claim is held: the job is in progress (or its owner died and the claim has not
-    /// expired yet). Nothing records completion today, so every existing claim is in this state.
+    /// expired yet).
     Claimed,
+    /// The job completed; the record is kept for the layer's retention.
+    Completed,
     /// The key exists but is not a claim (not a Redis string): something else wrote under the
     /// namespace. [`RedisStore::force_release`] refuses to delete it.
     NotAClaim,
@@ -59,6 +61,7 @@ impl KeyState {
     pub fn as_str(&self) -> &'static str {
         match self {
             KeyState::Claimed => "claimed",
+            KeyState::Completed => "completed",
             KeyState::NotAClaim => "not_a_claim",
         }
     }
@@ -66,10 +69,10 @@ impl KeyState {
 
 /// One key as [`RedisStore::inspect`] and [`RedisStore::list`] see it.
 ///
-/// Only `key`, `state`, `owner` and `time_left` are read from Redis. `age`, `fencing_token` and
-/// `outcome_size` are always `None` today: a claim stores its owner token and an expiry, not
-/// when it was taken, a fencing counter or the job's outcome. They are here so callers (and the
-/// tool's JSON, where they are `null`) do not change shape when claims start carrying records.
+/// `key`, `state`, `owner`, `time_left` and `outcome_size` are read from Redis. `age` and
+/// `fencing_token` are always `None` today: a record does not store when it was claimed or a
+/// fencing counter. They are here so callers (and the tool's JSON, where they are `null`) do
+/// not change shape when records carry them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct KeyInfo {
@@ -77,8 +80,8 @@ pub struct KeyInfo {
     pub key: String,
     /// Whether the key is a claim.
     pub state: KeyState,
-    /// The owner token stored as the claim's value: `0123456789abcdef-1a` for a generated
-    /// token, `owner:<id>` for one made from a caller's identity
+    /// The owner of the record (its token without a request fingerprint): `0123456789abcdef-1a`
+    /// for a generated token, `owner:<id>` for one made from a caller's identity
     /// ([`ClaimToken::from_owner`](super::ClaimToken::from_owner)). `None` when not a claim.
     pub owner: Option<String>,
     /// Time until Redis expires the key (`PTTL`); `None` when the key has **no** expiry, which a
@@ -88,7 +91,7 @@ pub struct KeyInfo {
     pub age: Option<Duration>,
     /// A fencing token for the claim. Not stored: always `None`.
     pub fencing_token: Option<u64>,
-    /// Size in bytes of a stored outcome. No outcome is stored: always `None`.
+    /// Size in bytes of the outcome stored with a completed record; `None` when there is none.
     pub outcome_size: Option<u64>,
 }
 
@@ -333,12 +336,18 @@ where
         Ok(match (owner, pttl) {
             // Expired or deleted between the two commands, or never there.
             (None, _) | (_, Pttl::Missing) => None,
-            (Some(owner), pttl) => Some(key_info(
-                display,
-                KeyState::Claimed,
-                Some(String::from_utf8_lossy(&owner).into_owned()),
-                pttl,
-            )),
+            (Some(value), pttl) => {
+                let record = Record::parse(&value);
+                let (state, outcome_size) = match record.state() {
+                    RecordState::Completed { outcome } => {
+                        (KeyState::Completed, outcome.as_ref().map(|o| o.len() as u64))
+                    }
+                    _ => (KeyState::Claimed, None),
+                };
+                let mut info = key_info(display, state, Some(record.owner().to_owned()), pttl);
+                info.outcome_size = outcome_size;
+                Some(info)
+            }
         })
     }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{ClaimOutcome, ClaimToken, IdempotencyStore, StoreError};
+use super::{ClaimOutcome, ClaimReply, ClaimToken, IdempotencyStore, Record, StoreError};
 
 /// Claims kept in this process's memory, with the same semantics as
 /// [`RedisStore`](crate::RedisStore): TTL expiry and token-checked release and renewal.
@@ -32,10 +32,27 @@ pub struct MemoryStore {
 
 #[derive(Debug, Default)]
 struct Claims {
-    map: HashMap<String, (ClaimToken, Instant)>,
+    map: HashMap<String, Entry>,
     /// Size after the last sweep of expired entries; sweeping when the map doubles keeps the
     /// amortised cost per claim constant.
     swept_len: usize,
+}
+
+/// One record: in progress until `completed` is set (with its stored outcome, if any).
+#[derive(Debug)]
+struct Entry {
+    token: ClaimToken,
+    expires: Instant,
+    completed: Option<Option<Vec<u8>>>,
+}
+
+impl Entry {
+    fn record(&self, now: Instant) -> Record {
+        match &self.completed {
+            Some(outcome) => Record::completed(&self.token, outcome.clone()),
+            None => Record::in_progress(&self.token, Some(self.expires.saturating_duration_since(now))),
+        }
+    }
 }
 
 impl MemoryStore {
@@ -47,13 +64,13 @@ impl MemoryStore {
     /// Whether `key` is currently claimed (by anyone).
     pub fn contains(&self, key: &str) -> bool {
         let now = Instant::now();
-        self.lock().map.get(key).is_some_and(|(_, exp)| *exp > now)
+        self.lock().map.get(key).is_some_and(|e| e.expires > now)
     }
 
     /// Number of live claims.
     pub fn len(&self) -> usize {
         let now = Instant::now();
-        self.lock().map.values().filter(|(_, exp)| *exp > now).count()
+        self.lock().map.values().filter(|e| e.expires > now).count()
     }
 
     /// Whether there are no live claims.
@@ -77,34 +94,76 @@ fn expiry(now: Instant, ttl: Duration) -> Instant {
 
 impl IdempotencyStore for MemoryStore {
     async fn claim(&self, key: &str, token: &ClaimToken, ttl: Duration) -> Result<ClaimOutcome, StoreError> {
+        Ok(match self.claim_record(key, token, ttl).await? {
+            ClaimReply::Acquired => ClaimOutcome::Acquired,
+            ClaimReply::Held(_) => ClaimOutcome::AlreadyClaimed,
+        })
+    }
+
+    async fn claim_record(&self, key: &str, token: &ClaimToken, ttl: Duration) -> Result<ClaimReply, StoreError> {
         let now = Instant::now();
         let mut claims = self.lock();
-        if let Some((holder, exp)) = claims.map.get(key)
-            && *exp > now
+        if let Some(entry) = claims.map.get(key)
+            && entry.expires > now
         {
-            // Our own token: a resend or a retry of the same job, not a duplicate of ourselves.
-            return Ok(if holder == token {
-                ClaimOutcome::Acquired
+            // Our own lease: a resend or a retry of the same job, not a duplicate of ourselves.
+            return Ok(if entry.completed.is_none() && entry.token == *token {
+                ClaimReply::Acquired
             } else {
-                ClaimOutcome::AlreadyClaimed
+                ClaimReply::Held(entry.record(now))
             });
         }
-        let expires = expiry(now, ttl);
-        claims.map.insert(key.to_owned(), (token.clone(), expires));
+        let entry = Entry {
+            token: token.clone(),
+            expires: expiry(now, ttl),
+            completed: None,
+        };
+        claims.map.insert(key.to_owned(), entry);
         if claims.map.len() > 1024 && claims.map.len() >= 2 * claims.swept_len {
-            claims.map.retain(|_, (_, exp)| *exp > now);
+            claims.map.retain(|_, e| e.expires > now);
             claims.swept_len = claims.map.len();
         }
-        Ok(ClaimOutcome::Acquired)
+        Ok(ClaimReply::Acquired)
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        outcome: Option<&[u8]>,
+        retention: Duration,
+    ) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        let mut claims = self.lock();
+        let completed = Entry {
+            token: token.clone(),
+            expires: expiry(now, retention),
+            completed: Some(outcome.map(<[u8]>::to_vec)),
+        };
+        match claims.map.get_mut(key) {
+            Some(entry) if entry.expires > now => {
+                if entry.token != *token {
+                    return Ok(false);
+                }
+                if entry.completed.is_none() {
+                    *entry = completed;
+                }
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     async fn take_over(&self, key: &str, token: &ClaimToken, ttl: Duration) -> Result<bool, StoreError> {
         let now = Instant::now();
         let mut claims = self.lock();
         match claims.map.get_mut(key) {
-            Some((holder, exp)) if *exp > now => {
-                *holder = token.clone();
-                *exp = expiry(now, ttl);
+            Some(entry) if entry.expires > now => {
+                *entry = Entry {
+                    token: token.clone(),
+                    expires: expiry(now, ttl),
+                    completed: None,
+                };
                 Ok(true)
             }
             _ => Ok(false),
@@ -115,7 +174,7 @@ impl IdempotencyStore for MemoryStore {
         let now = Instant::now();
         let mut claims = self.lock();
         match claims.map.get(key) {
-            Some((owner, exp)) if owner == token && *exp > now => {
+            Some(entry) if entry.token == *token && entry.expires > now => {
                 claims.map.remove(key);
                 Ok(true)
             }
@@ -127,8 +186,8 @@ impl IdempotencyStore for MemoryStore {
         let now = Instant::now();
         let mut claims = self.lock();
         match claims.map.get_mut(key) {
-            Some((owner, exp)) if owner == token && *exp > now => {
-                *exp = expiry(now, ttl);
+            Some(entry) if entry.token == *token && entry.completed.is_none() && entry.expires > now => {
+                entry.expires = expiry(now, ttl);
                 Ok(true)
             }
             _ => Ok(false),

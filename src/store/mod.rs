@@ -12,8 +12,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 mod memory;
+mod record;
 #[cfg(feature = "redis")]
 mod redis;
+
+pub use self::record::{ClaimReply, Record, RecordState};
+pub(crate) use self::record::{LUA_TOKEN, encode_completed, encode_in_progress};
 
 #[cfg(feature = "redis")]
 pub use self::redis::{DEFAULT_TIMEOUT, RedisStore, RedisStoreBuilder, redact_password};
@@ -100,6 +104,30 @@ impl ClaimToken {
     /// The token's text, as stored as the claim's value.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// This token carrying the fingerprint of the request it claims for (e.g. a digest of its
+    /// method, path and body), stored with the record so a later request with the same key can
+    /// tell whether it carries the same payload. `None` when `fingerprint` contains the record
+    /// separators `\x1e`/`\x1f` or the token already has one.
+    ///
+    /// ```
+    /// use tower_idempotency::store::ClaimToken;
+    /// let token = ClaimToken::from_owner("7").with_fingerprint("9f86d0").unwrap();
+    /// assert_eq!(token.fingerprint(), Some("9f86d0"));
+    /// assert_eq!(ClaimToken::from_owner("7").fingerprint(), None);
+    /// ```
+    pub fn with_fingerprint(&self, fingerprint: &str) -> Option<Self> {
+        let separators = |s: &str| s.contains(['\u{1e}', '\u{1f}']);
+        if separators(fingerprint) || separators(&self.0) {
+            return None;
+        }
+        Some(Self(Arc::from(format!("{}\u{1f}f{fingerprint}", self.0).as_str())))
+    }
+
+    /// The fingerprint this token carries, if any.
+    pub fn fingerprint(&self) -> Option<&str> {
+        record::fingerprint_of(&self.0)
     }
 }
 
@@ -272,6 +300,46 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         Duration::from_secs(100 * 365 * 24 * 3600)
     }
 
+    /// [`claim`](Self::claim), answering with the [`Record`] that is there when the key is held:
+    /// in progress (and how long its lease has left) or completed (and its stored outcome). A
+    /// record **completed by `token`** is `Held`, not `Acquired`: a retry of a finished job does
+    /// not run it again.
+    ///
+    /// The default calls `claim` and reports a held key as in progress with an unknown lease
+    /// (for stores without records); the stores of this crate read the record in the same
+    /// command that claims.
+    fn claim_record(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<ClaimReply, StoreError>> + Send {
+        async move {
+            Ok(match self.claim(key, token, ttl).await? {
+                ClaimOutcome::Acquired => ClaimReply::Acquired,
+                ClaimOutcome::AlreadyClaimed => ClaimReply::Held(Record::in_progress(&ClaimToken::from_string(""), None)),
+            })
+        }
+    }
+
+    /// Marks the record on `key` **completed** if, and only if, it is `token`'s, storing
+    /// `outcome` with it, and keeps it for `retention` from now. Returns whether it was
+    /// recorded. A key that is free (the lease ran out while the job ran) or that someone else
+    /// holds is left alone (`false`): the record is the lease's, and the lease is gone.
+    ///
+    /// The default keeps the claim in progress until its TTL, as a store without records does,
+    /// and answers `true`.
+    fn complete(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        outcome: Option<&[u8]>,
+        retention: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        let _ = (key, token, outcome, retention);
+        std::future::ready(Ok(true))
+    }
+
     /// Atomically makes `token` the holder of `key` for `ttl` **if someone holds it** (a human
     /// override taking an automated claim over); a free key is left free. Returns whether the
     /// key was held (and is now `token`'s). Afterwards the previous holder's release and renewal
@@ -320,6 +388,25 @@ impl<T: IdempotencyStore> IdempotencyStore for Arc<T> {
         (**self).max_ttl()
     }
 
+    fn claim_record(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<ClaimReply, StoreError>> + Send {
+        (**self).claim_record(key, token, ttl)
+    }
+
+    fn complete(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        outcome: Option<&[u8]>,
+        retention: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        (**self).complete(key, token, outcome, retention)
+    }
+
     fn take_over(
         &self,
         key: &str,
@@ -340,7 +427,14 @@ pub(crate) trait ErasedStore: Send + Sync + 'static {
         key: Arc<str>,
         token: ClaimToken,
         ttl: Duration,
-    ) -> BoxFuture<Result<ClaimOutcome, StoreError>>;
+    ) -> BoxFuture<Result<ClaimReply, StoreError>>;
+    fn complete(
+        self: Arc<Self>,
+        key: Arc<str>,
+        token: ClaimToken,
+        outcome: Option<Vec<u8>>,
+        retention: Duration,
+    ) -> BoxFuture<Result<bool, StoreError>>;
     fn release(self: Arc<Self>, key: Arc<str>, token: ClaimToken) -> BoxFuture<Result<bool, StoreError>>;
     fn renew(self: Arc<Self>, key: Arc<str>, token: ClaimToken, ttl: Duration) -> BoxFuture<Result<bool, StoreError>>;
     fn max_ttl(&self) -> Duration;
@@ -358,8 +452,17 @@ impl<T: IdempotencyStore> ErasedStore for T {
         key: Arc<str>,
         token: ClaimToken,
         ttl: Duration,
-    ) -> BoxFuture<Result<ClaimOutcome, StoreError>> {
-        Box::pin(async move { IdempotencyStore::claim(&*self, &key, &token, ttl).await })
+    ) -> BoxFuture<Result<ClaimReply, StoreError>> {
+        Box::pin(async move { IdempotencyStore::claim_record(&*self, &key, &token, ttl).await })
+    }
+    fn complete(
+        self: Arc<Self>,
+        key: Arc<str>,
+        token: ClaimToken,
+        outcome: Option<Vec<u8>>,
+        retention: Duration,
+    ) -> BoxFuture<Result<bool, StoreError>> {
+        Box::pin(async move { IdempotencyStore::complete(&*self, &key, &token, outcome.as_deref(), retention).await })
     }
     fn release(self: Arc<Self>, key: Arc<str>, token: ClaimToken) -> BoxFuture<Result<bool, StoreError>> {
         Box::pin(async move { IdempotencyStore::release(&*self, &key, &token).await })

@@ -9,14 +9,28 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Value};
 
-use super::{ClaimOutcome, ClaimToken, IdempotencyStore, StoreError};
+use super::{
+    ClaimOutcome, ClaimReply, ClaimToken, IdempotencyStore, LUA_TOKEN, Record, StoreError, encode_completed,
+    encode_in_progress,
+};
 
-/// Deletes the key only if it still holds our token: a job that outlived its TTL must not delete
-/// the claim of whoever claimed the key after it.
+/// Deletes the key only if its record is still ours: a job that outlived its TTL must not
+/// delete the claim of whoever claimed the key after it.
 static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end",
-    )
+    redis::Script::new(&format!(
+        "{LUA_TOKEN}local v = redis.call('GET', KEYS[1]) if v and tok(v) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+    ))
+});
+
+/// Marks our record completed (`ARGV[2]`, kept `ARGV[3]` ms). A free key (the lease ran out)
+/// or someone else's record is left alone (`0`); our own completed record stays as it is.
+static COMPLETE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(&format!(
+        "{LUA_TOKEN}local v = redis.call('GET', KEYS[1]) \
+         if not v or tok(v) ~= ARGV[1] then return 0 end \
+         if string.byte(v, 1) == 30 then return 1 end \
+         redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1"
+    ))
 });
 
 /// The claim for servers older than Redis 7.0, which refuse `SET … NX GET`: the same answer
@@ -34,11 +48,13 @@ static TAKE_OVER_COMPAT: LazyLock<redis::Script> = LazyLock::new(|| {
     )
 });
 
-/// Extends the key's TTL only if it still holds our token.
+/// Extends our lease only while it is ours and in progress, rewriting its expiry (`ARGV[2]`,
+/// `PX ARGV[3]`); a completed record is never turned back into a lease.
 static RENEW: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end",
-    )
+    redis::Script::new(&format!(
+        "{LUA_TOKEN}local v = redis.call('GET', KEYS[1]) \
+         if v and string.byte(v, 1) ~= 30 and tok(v) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1 end return 0"
+    ))
 });
 
 /// Default bound on every Redis call.
@@ -279,15 +295,9 @@ impl<C> RedisStore<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    async fn claim_by_script(
-        &self,
-        conn: &mut C,
-        key: &str,
-        token: &ClaimToken,
-        ttl: Duration,
-    ) -> Result<Value, StoreError> {
+    async fn claim_by_script(&self, conn: &mut C, key: &str, value: &str, ttl: Duration) -> Result<Value, StoreError> {
         let mut invocation = CLAIM_COMPAT.key(key);
-        invocation.arg(token.as_str()).arg(ttl_millis(ttl));
+        invocation.arg(value).arg(ttl_millis(ttl));
         self.bounded("claim", invocation.invoke_async(conn)).await
     }
 }
@@ -301,13 +311,21 @@ where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     async fn claim(&self, key: &str, token: &ClaimToken, ttl: Duration) -> Result<ClaimOutcome, StoreError> {
+        Ok(match self.claim_record(key, token, ttl).await? {
+            ClaimReply::Acquired => ClaimOutcome::Acquired,
+            ClaimReply::Held(_) => ClaimOutcome::AlreadyClaimed,
+        })
+    }
+
+    async fn claim_record(&self, key: &str, token: &ClaimToken, ttl: Duration) -> Result<ClaimReply, StoreError> {
         let mut conn = self.conn.clone();
+        let value = encode_in_progress(token, ttl);
         let reply: Value = if self.compat.load(Ordering::Relaxed) {
-            self.claim_by_script(&mut conn, key, token, ttl).await?
+            self.claim_by_script(&mut conn, key, &value, ttl).await?
         } else {
             let mut cmd = redis::cmd("SET");
             cmd.arg(key)
-                .arg(token.as_str())
+                .arg(&value)
                 .arg("NX")
                 .arg("GET")
                 .arg("PX")
@@ -320,15 +338,23 @@ where
                     // Redis < 7.0 does not take NX with GET; nothing was applied.
                     tracing::info!("redis refused `SET … NX GET` (server older than 7.0); claiming with a script");
                     self.compat.store(true, Ordering::Relaxed);
-                    self.claim_by_script(&mut conn, key, token, ttl).await?
+                    self.claim_by_script(&mut conn, key, &value, ttl).await?
                 }
                 other => other?,
             }
         };
         match reply {
-            Value::Okay | Value::Nil => Ok(ClaimOutcome::Acquired),
-            Value::BulkString(holder) if holder == token.as_str().as_bytes() => Ok(ClaimOutcome::Acquired),
-            Value::BulkString(_) => Ok(ClaimOutcome::AlreadyClaimed),
+            Value::Okay | Value::Nil => Ok(ClaimReply::Acquired),
+            Value::BulkString(held) => {
+                let record = Record::parse(&held);
+                // Our own lease (a resend whose first copy landed, a retry under a stable
+                // identity): ours to run. Our own *completed* record is a duplicate.
+                if record.state().is_in_progress() && record.is_owned_by(token) {
+                    Ok(ClaimReply::Acquired)
+                } else {
+                    Ok(ClaimReply::Held(record))
+                }
+            }
             other => Err(StoreError::UnexpectedReply {
                 operation: "claim",
                 reply: format!("{other:?}"),
@@ -336,17 +362,40 @@ where
         }
     }
 
+    async fn complete(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        outcome: Option<&[u8]>,
+        retention: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let recorded: i64 = self
+            .bounded(
+                "complete",
+                COMPLETE
+                    .key(key)
+                    .arg(token.as_str())
+                    .arg(encode_completed(token, outcome))
+                    .arg(ttl_millis(retention))
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+        Ok(recorded != 0)
+    }
+
     async fn take_over(&self, key: &str, token: &ClaimToken, ttl: Duration) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
+        let value = encode_in_progress(token, ttl);
         let reply: Value = if self.compat.load(Ordering::Relaxed) {
             let mut invocation = TAKE_OVER_COMPAT.key(key);
-            invocation.arg(token.as_str()).arg(ttl_millis(ttl));
+            invocation.arg(&value).arg(ttl_millis(ttl));
             self.bounded("take_over", invocation.invoke_async(&mut conn)).await?
         } else {
             // Only if held (XX); GET says whether it was.
             let mut cmd = redis::cmd("SET");
             cmd.arg(key)
-                .arg(token.as_str())
+                .arg(&value)
                 .arg("XX")
                 .arg("GET")
                 .arg("PX")
@@ -384,6 +433,7 @@ where
                 RENEW
                     .key(key)
                     .arg(token.as_str())
+                    .arg(encode_in_progress(token, ttl))
                     .arg(ttl_millis(ttl))
                     .invoke_async(&mut conn),
             )

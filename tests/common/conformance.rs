@@ -10,6 +10,8 @@ use std::time::Duration;
 pub use futures::future::BoxFuture;
 
 pub const TTL: Duration = Duration::from_millis(400);
+/// How long completed records are kept in these cases: longer than the lease.
+pub const RETENTION: Duration = Duration::from_secs(5);
 
 /// A store under test, plus a way to look at raw keys behind its back.
 pub struct Harness<S> {
@@ -22,7 +24,7 @@ pub struct Harness<S> {
 pub mod cases {
     use super::*;
     use tower::ServiceExt;
-    use tower_idempotency::store::{ClaimOutcome, ClaimToken, IdempotencyStore};
+    use tower_idempotency::store::{ClaimOutcome, ClaimReply, ClaimToken, IdempotencyStore, RecordState};
     use tower_idempotency::{IdempotencyKey, IdempotencyLayer};
 
     pub async fn first_claim_acquires<S: IdempotencyStore>(h: Harness<S>) {
@@ -152,6 +154,93 @@ pub mod cases {
         assert!(!h.store.renew("other", &t, TTL).await.unwrap());
     }
 
+    /// A duplicate learns the record: in progress with the lease left, then completed with the
+    /// stored outcome once the owner completes it.
+    pub async fn duplicate_sees_in_progress_then_completed_with_outcome<S: IdempotencyStore>(h: Harness<S>) {
+        let (owner, other) = (ClaimToken::generate(), ClaimToken::generate());
+        assert_eq!(h.store.claim_record("k", &owner, TTL).await.unwrap(), ClaimReply::Acquired);
+        let ClaimReply::Held(record) = h.store.claim_record("k", &other, TTL).await.unwrap() else {
+            panic!("a second claim must be held")
+        };
+        assert_eq!(record.owner(), owner.as_str());
+        match record.state() {
+            RecordState::InProgress { lease_left: Some(left) } => assert!(*left <= TTL, "{left:?}"),
+            state => panic!("expected in progress with a lease, got {state:?}"),
+        }
+        assert!(
+            h.store.complete("k", &owner, Some(b"{\"id\":1}"), RETENTION).await.unwrap(),
+            "the owner completes its record"
+        );
+        let ClaimReply::Held(record) = h.store.claim_record("k", &other, TTL).await.unwrap() else {
+            panic!("a completed record is held")
+        };
+        assert_eq!(record.state(), &RecordState::Completed { outcome: Some(b"{\"id\":1}".to_vec()) });
+        // The retention, not the lease, bounds it: still there after the lease would have ended.
+        tokio::time::sleep(TTL + Duration::from_millis(100)).await;
+        assert!(
+            matches!(h.store.claim_record("k", &other, TTL).await.unwrap(), ClaimReply::Held(r) if r.state().is_completed()),
+            "kept for the retention, longer than the lease"
+        );
+    }
+
+    /// Completing, renewing and releasing are owner-checked; a completed record is never turned
+    /// back into a lease, and a retry of the owner itself is told it completed.
+    pub async fn record_transitions_are_owner_checked<S: IdempotencyStore>(h: Harness<S>) {
+        let (owner, other) = (ClaimToken::from_owner("m-1"), ClaimToken::generate());
+        assert_eq!(h.store.claim_record("k", &owner, TTL).await.unwrap(), ClaimReply::Acquired);
+        assert!(!h.store.complete("k", &other, None, RETENTION).await.unwrap(), "not the owner");
+        assert!(!h.store.release("k", &other).await.unwrap());
+        assert!(h.store.complete("k", &owner, None, RETENTION).await.unwrap());
+        assert!(!h.store.renew("k", &owner, TTL).await.unwrap(), "a completed record is not renewed");
+        let ClaimReply::Held(record) = h.store.claim_record("k", &owner, TTL).await.unwrap() else {
+            panic!("the owner's own retry after completion is a duplicate, not a second run")
+        };
+        assert_eq!(record.state(), &RecordState::Completed { outcome: None });
+        assert!(
+            h.store.complete("k", &owner, Some(b"x"), RETENTION).await.unwrap(),
+            "completing twice is idempotent"
+        );
+    }
+
+    /// A fingerprint rides with the record, so a duplicate can compare payloads.
+    pub async fn record_keeps_the_request_fingerprint<S: IdempotencyStore>(h: Harness<S>) {
+        let owner = ClaimToken::generate().with_fingerprint("9f86d081").unwrap();
+        assert_eq!(h.store.claim_record("k", &owner, TTL).await.unwrap(), ClaimReply::Acquired);
+        let ClaimReply::Held(record) = h.store.claim_record("k", &ClaimToken::generate(), TTL).await.unwrap() else {
+            panic!("held")
+        };
+        assert_eq!(record.fingerprint(), Some("9f86d081"));
+        assert!(h.store.renew("k", &owner, TTL).await.unwrap(), "renewal keeps the token with its fingerprint");
+        assert!(h.store.complete("k", &owner, None, RETENTION).await.unwrap());
+        let ClaimReply::Held(record) = h.store.claim_record("k", &ClaimToken::generate(), TTL).await.unwrap() else {
+            panic!("held")
+        };
+        assert_eq!(record.fingerprint(), Some("9f86d081"));
+    }
+
+    /// A completion that finds the key free (the lease ran out) or held by another owner leaves
+    /// it as it is.
+    pub async fn complete_after_the_lease_ran_out_changes_nothing<S: IdempotencyStore>(h: Harness<S>) {
+        let (a, b) = (ClaimToken::generate(), ClaimToken::generate());
+        assert_eq!(h.store.claim_record("k", &a, Duration::from_millis(100)).await.unwrap(), ClaimReply::Acquired);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!h.store.complete("k", &a, None, RETENTION).await.unwrap());
+        assert!(!(h.exists)("k".into()).await, "a free key stays free");
+        assert_eq!(h.store.claim_record("k", &b, TTL).await.unwrap(), ClaimReply::Acquired);
+        assert!(!h.store.complete("k", &a, None, RETENTION).await.unwrap(), "b's claim is left alone");
+        assert!(matches!(h.store.claim_record("k", &a, TTL).await.unwrap(), ClaimReply::Held(r) if r.state().is_in_progress() && r.owner() == b.as_str()));
+    }
+
+    /// An override takes a completed record over too: a person asks for a fresh run.
+    pub async fn take_over_replaces_a_completed_record<S: IdempotencyStore>(h: Harness<S>) {
+        let (a, person) = (ClaimToken::generate(), ClaimToken::generate());
+        assert_eq!(h.store.claim_record("k", &a, TTL).await.unwrap(), ClaimReply::Acquired);
+        assert!(h.store.complete("k", &a, None, RETENTION).await.unwrap());
+        assert!(h.store.take_over("k", &person, TTL).await.unwrap());
+        assert!(matches!(h.store.claim_record("k", &a, TTL).await.unwrap(), ClaimReply::Held(r) if r.state().is_in_progress() && r.owner() == person.as_str()));
+        assert!(h.store.release("k", &person).await.unwrap());
+    }
+
     pub async fn namespace_is_applied<S: IdempotencyStore>(h: Harness<S>) {
         let layer = IdempotencyLayer::new(h.store.clone(), |k: &&'static str| IdempotencyKey::new(k).map(Some))
             .with_namespace("ns:");
@@ -201,6 +290,26 @@ macro_rules! conformance {
             #[tokio::test]
             async fn renew_extends_only_our_claim() {
                 cases::renew_extends_only_our_claim($harness).await
+            }
+            #[tokio::test]
+            async fn duplicate_sees_in_progress_then_completed_with_outcome() {
+                cases::duplicate_sees_in_progress_then_completed_with_outcome($harness).await
+            }
+            #[tokio::test]
+            async fn record_transitions_are_owner_checked() {
+                cases::record_transitions_are_owner_checked($harness).await
+            }
+            #[tokio::test]
+            async fn record_keeps_the_request_fingerprint() {
+                cases::record_keeps_the_request_fingerprint($harness).await
+            }
+            #[tokio::test]
+            async fn complete_after_the_lease_ran_out_changes_nothing() {
+                cases::complete_after_the_lease_ran_out_changes_nothing($harness).await
+            }
+            #[tokio::test]
+            async fn take_over_replaces_a_completed_record() {
+                cases::take_over_replaces_a_completed_record($harness).await
             }
             #[tokio::test]
             async fn namespace_is_applied() {

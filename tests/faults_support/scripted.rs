@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tower_idempotency::StoreError;
-use tower_idempotency::store::{ClaimOutcome, ClaimToken, IdempotencyStore};
+use tower_idempotency::store::{ClaimOutcome, ClaimReply, ClaimToken, IdempotencyStore};
 
 /// What one store call does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,10 +113,27 @@ async fn play<T>(
 
 impl<S: IdempotencyStore> IdempotencyStore for ScriptedStore<S> {
     async fn claim(&self, key: &str, token: &ClaimToken, ttl: Duration) -> Result<ClaimOutcome, StoreError> {
+        Ok(match self.claim_record(key, token, ttl).await? {
+            ClaimReply::Acquired => ClaimOutcome::Acquired,
+            ClaimReply::Held(_) => ClaimOutcome::AlreadyClaimed,
+        })
+    }
+
+    async fn claim_record(&self, key: &str, token: &ClaimToken, ttl: Duration) -> Result<ClaimReply, StoreError> {
         self.claim_calls.fetch_add(1, Ordering::SeqCst);
         self.tokens.lock().unwrap().push(token.clone());
         let fault = Self::next(&self.claims);
-        play(fault, "claim", self.inner.claim(key, token, ttl)).await
+        play(fault, "claim", self.inner.claim_record(key, token, ttl)).await
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        outcome: Option<&[u8]>,
+        retention: Duration,
+    ) -> Result<bool, StoreError> {
+        self.inner.complete(key, token, outcome, retention).await
     }
 
     async fn release(&self, key: &str, token: &ClaimToken) -> Result<bool, StoreError> {
