@@ -243,3 +243,93 @@ async fn malformed_message_is_acked_and_never_dispatched() {
     assert_eq!(rig.reviews().await, 0);
     assert_eq!(rig.consumer.pending().await.unwrap(), 0);
 }
+
+/// The original of a key runs for 2 s; its duplicate arrives 0.5 s in. The duplicate is left
+/// pending (not acked) while the original runs, and its retry follows the original's fate:
+/// `blocked` → the retry dispatches; completed → the retry is acked without dispatching.
+async fn duplicate_arriving_while_the_original_runs(original_blocked: bool) -> (usize, Disposition) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tower::Layer;
+
+    let mut rig = Rig::new(Duration::from_millis(300)).await;
+    let store = RedisStore::builder(rig.server.url())
+        .timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap();
+    let (calls, dispatched) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (c, d) = (calls.clone(), dispatched.clone());
+    let inner = tower::service_fn(move |_: ReviewJob| {
+        let (c, d) = (c.clone(), d.clone());
+        async move {
+            if c.fetch_add(1, Ordering::SeqCst) == 0 {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                if original_blocked {
+                    return Ok::<_, std::convert::Infallible>(Dispatch::Blocked);
+                }
+            }
+            d.fetch_add(1, Ordering::SeqCst);
+            Ok(Dispatch::Dispatched("1-0".into()))
+        }
+    });
+    let svc = tower_idempotency::IdempotencyLayer::new(store, review_key)
+        .with_namespace("dispatch:")
+        .with_classifier(release_blocked_or_failed::<std::convert::Infallible>)
+        .build()
+        .unwrap()
+        .layer(inner);
+
+    rig.push(&job("ddddddd")).await;
+    rig.push(&job("ddddddd")).await;
+    let batch = rig.consumer.next_batch().await.unwrap();
+    assert_eq!(batch.len(), 2);
+    let (first, second) = (batch[0].clone(), batch[1].clone());
+    let mut original_svc = svc.clone();
+    let original = tokio::spawn(async move { process_message(&mut original_svc, &first, Settle::Release).await });
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut dup_svc = svc.clone();
+    let (result, disposition) = process_message(&mut dup_svc, &second, Settle::Release).await;
+    assert!(
+        matches!(&result, Some(Err(e)) if e.is_duplicate_in_progress()),
+        "the original is in progress: {result:?}"
+    );
+    assert_eq!(disposition, Disposition::Retry, "left pending while the original runs");
+
+    let (_, original_disposition) = original.await.unwrap();
+    let expected = if original_blocked { Disposition::Retry } else { Disposition::Ack };
+    assert_eq!(original_disposition, expected);
+    if original_disposition == Disposition::Ack {
+        rig.consumer.ack(&batch[0].id).await.unwrap();
+    }
+
+    // After min_idle, XAUTOCLAIM hands the pending messages out again.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let retry = rig.consumer.next_batch().await.unwrap();
+    let retried = retry.iter().find(|e| e.id == second.id).expect("the duplicate was left pending and comes back");
+    let mut retry_svc = svc.clone();
+    let (result, disposition) = handle_message(&mut rig.consumer, &mut retry_svc, retried, Settle::Release)
+        .await
+        .unwrap();
+    if original_blocked {
+        assert!(matches!(result, Some(Ok(Dispatch::Dispatched(_)))), "{result:?}");
+    } else {
+        assert!(matches!(&result, Some(Err(e)) if e.is_duplicate_completed()), "{result:?}");
+    }
+    (dispatched.load(Ordering::SeqCst), disposition)
+}
+
+#[tokio::test]
+async fn duplicate_in_progress_stays_pending_and_dispatches_after_the_original_is_blocked() {
+    let (dispatched, disposition) = duplicate_arriving_while_the_original_runs(true).await;
+    assert_eq!(disposition, Disposition::Ack);
+    assert_eq!(dispatched, 1, "the blocked original's trigger is not lost: the retry dispatched it");
+}
+
+#[tokio::test]
+async fn duplicate_in_progress_stays_pending_and_is_acked_after_the_original_completes() {
+    let (dispatched, disposition) = duplicate_arriving_while_the_original_runs(false).await;
+    assert_eq!(disposition, Disposition::Ack);
+    assert_eq!(dispatched, 1, "the completed original ran once; its duplicate was acked without a run");
+}

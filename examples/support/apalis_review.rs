@@ -36,7 +36,8 @@
 //! | outcome | claim | apalis status | task |
 //! |---|---|---|---|
 //! | dispatched | kept until its TTL | `Done` (lifecycle) | done |
-//! | duplicate | someone else's, untouched | `Done` (adapter); `Ok(Handled::Duplicate)` | done: the job ran elsewhere |
+//! | duplicate, original completed | someone else's, untouched | `Done` (adapter); `Ok(Handled::Duplicate)` | done: the job ran elsewhere |
+//! | duplicate, original in progress | someone else's, untouched | `Failed` (adapter), after `store_retry_delay` | retried: dispatches if the original is blocked or fails, done once it completed |
 //! | store unavailable (fail closed) | none taken | `Failed` (adapter), after `store_retry_delay` | retried until the store answers: nothing is lost |
 //! | invalid key | none taken | `Killed` (adapter) | dead: it can never succeed |
 //! | inner error | released (classifier) | `Failed` (lifecycle) | retried with apalis's backoff; the retry can claim again |
@@ -184,6 +185,11 @@ where
                 Err(err) => err,
             };
             let (status, outcome) = match &err {
+                // The original still runs: retry later (it may yet be blocked and release).
+                IdempotencyError::Duplicate { .. } if err.is_duplicate_in_progress() => {
+                    tokio::time::sleep(store_retry_delay).await;
+                    (Status::Failed, "duplicate_in_progress")
+                }
                 IdempotencyError::Duplicate { .. } => (Status::Done, "duplicate"),
                 IdempotencyError::StoreUnavailable { .. } => {
                     tokio::time::sleep(store_retry_delay).await;
@@ -204,6 +210,7 @@ where
             );
             ctx.raw_status().store(status);
             match err {
+                IdempotencyError::Duplicate { .. } if err.is_duplicate_in_progress() => Err(into_box(err)),
                 IdempotencyError::Duplicate { key, .. } => Ok(Handled::Duplicate { key: key.to_string() }),
                 err => Err(into_box(err)),
             }

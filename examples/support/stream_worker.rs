@@ -139,6 +139,9 @@ pub fn disposition<E>(result: &Result<Dispatch, IdempotencyError<E>>, inner_erro
     match result {
         Ok(Dispatch::Dispatched(_)) => Disposition::Ack,
         Ok(Dispatch::Blocked) => Disposition::Retry,
+        // The original still runs: if it is blocked or fails it releases its claim, and this
+        // message's retry (after `min_idle`) must dispatch then. Acked only once it completed.
+        Err(e @ IdempotencyError::Duplicate { .. }) if e.is_duplicate_in_progress() => Disposition::Retry,
         Err(IdempotencyError::Duplicate { .. }) => Disposition::Ack,
         Err(IdempotencyError::StoreUnavailable { .. }) => Disposition::Retry,
         Err(IdempotencyError::InvalidKey { .. }) => Disposition::Ack,
