@@ -46,6 +46,16 @@ where
     state: State<S, Req>,
     classifier: C,
     span: Span,
+    /// What a duplicate of an original in progress needs to claim again after waiting.
+    wait: Option<Box<Wait>>,
+}
+
+/// A bounded wait for an original in progress: claim again every `every` until `until`.
+struct Wait {
+    protocol: Arc<Protocol>,
+    owner: Option<ClaimToken>,
+    until: tokio::time::Instant,
+    every: std::time::Duration,
 }
 
 #[pin_project(project = StateProj)]
@@ -55,6 +65,11 @@ where
 {
     Claiming {
         claiming: Claiming,
+        parts: Option<(S, Req)>,
+    },
+    Waiting {
+        sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+        key: IdempotencyKey,
         parts: Option<(S, Req)>,
     },
     Calling {
@@ -78,6 +93,7 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Claiming { .. } => "claiming",
+            State::Waiting { .. } => "waiting",
             State::Calling { .. } => "calling",
             State::Settling { .. } => "settling",
             State::Done { .. } => "done",
@@ -104,6 +120,15 @@ where
         classifier: C,
     ) -> Self {
         let span = tracing::info_span!("idempotency", key = %key);
+        // Overrides never wait: they take the key over.
+        let wait = protocol.settings.wait.filter(|_| takeover.is_none()).map(|wait| {
+            Box::new(Wait {
+                protocol: protocol.clone(),
+                owner: owner.clone(),
+                until: tokio::time::Instant::now() + wait,
+                every: (wait / 20).clamp(std::time::Duration::from_millis(10), std::time::Duration::from_millis(250)),
+            })
+        });
         let claiming = span.in_scope(|| protocol.begin(key, owner, takeover));
         Self {
             state: State::Claiming {
@@ -112,6 +137,7 @@ where
             },
             classifier,
             span,
+            wait,
         }
     }
 
@@ -131,6 +157,7 @@ where
             },
             classifier,
             span,
+            wait: None,
         }
     }
 
@@ -143,6 +170,7 @@ where
             },
             classifier,
             span,
+            wait: None,
         }
     }
 
@@ -158,6 +186,7 @@ where
             },
             classifier,
             span,
+            wait: None,
         }
     }
 }
@@ -176,10 +205,20 @@ where
             match this.state.as_mut().project() {
                 StateProj::Claiming { claiming, parts } => {
                     let decision = ready!(claiming.poll_decision(cx));
+                    let key = claiming.key().clone();
+                    if let (Decision::Duplicate(record), Some(wait)) = (&decision, this.wait.as_ref())
+                        && record.state().is_in_progress()
+                        && tokio::time::Instant::now() + wait.every <= wait.until
+                    {
+                        tracing::debug!(key = %key, outcome = "waiting", "the original is in progress; waiting for it");
+                        let sleep = Box::pin(tokio::time::sleep(wait.every));
+                        let parts = parts.take();
+                        this.state.set(State::Waiting { sleep, key, parts });
+                        continue;
+                    }
                     let Some((mut inner, req)) = parts.take() else {
                         polled_after_completion()
                     };
-                    let key = claiming.key().clone();
                     let next = match decision {
                         Decision::Dispatch(lease) => State::Calling {
                             fut: inner.call(req),
@@ -193,6 +232,15 @@ where
                         },
                     };
                     this.state.set(next);
+                }
+                StateProj::Waiting { sleep, key, parts } => {
+                    ready!(sleep.as_mut().poll(cx));
+                    let Some(wait) = this.wait.as_ref() else {
+                        polled_after_completion()
+                    };
+                    let claiming = wait.protocol.begin(key.clone(), wait.owner.clone(), None);
+                    let parts = parts.take();
+                    this.state.set(State::Claiming { claiming, parts });
                 }
                 StateProj::Calling { fut, running } => {
                     let result = match fut.poll(cx) {

@@ -161,6 +161,8 @@ pub(crate) struct Settings {
     pub(crate) retention: Option<Duration>,
     /// The largest outcome stored with a record.
     pub(crate) max_outcome_size: usize,
+    /// How long a duplicate of an original in progress waits for it before answering.
+    pub(crate) wait: Option<Duration>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -200,6 +202,7 @@ impl Settings {
             records: true,
             retention: None,
             max_outcome_size: DEFAULT_MAX_OUTCOME_SIZE,
+            wait: None,
         }
     }
 
@@ -389,6 +392,16 @@ macro_rules! settings_builders {
         /// larger one is not stored — the record is completed without it (logged at `warn`).
         pub fn with_max_outcome_size(mut self, bytes: usize) -> Self {
             self.settings.max_outcome_size = bytes;
+            self
+        }
+
+        /// A duplicate of an original **in progress** waits up to `wait` for it before it
+        /// answers, claiming again every twentieth of `wait` (10 ms to 250 ms): across
+        /// processes, since it asks the store. When the original completes within the wait,
+        /// the duplicate answers "completed" (with its stored outcome); when it was released
+        /// (blocked, failed), the duplicate claims the key and runs. Default: no wait.
+        pub fn with_wait_for_original(mut self, wait: std::time::Duration) -> Self {
+            self.settings.wait = Some(wait);
             self
         }
 

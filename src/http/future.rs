@@ -17,6 +17,8 @@ use pin_project::pin_project;
 use tower::Service;
 
 use super::body::{ReplayBody, ResponseBody};
+use super::collect::{Collecting, FromCollected, HttpResponse, Settled};
+use super::replay::Replay;
 use super::extract::ExtractError;
 use super::pre_claim::{PreClaim, PreClaimFuture};
 use super::service::Front;
@@ -25,6 +27,7 @@ use super::{HttpKeyExtractor, ShortCircuitResponse, VerifyRequest};
 use crate::extract::BoxError;
 use crate::future::{Chain, polled_after_completion};
 use crate::protocol::Protocol;
+use crate::store::ClaimToken;
 use crate::{ClassifyOutcome, IdempotencyError, IdempotencyKey};
 
 /// Response future of [`HttpIdempotency`](super::HttpIdempotency).
@@ -46,6 +49,8 @@ use crate::{ClassifyOutcome, IdempotencyError, IdempotencyKey};
 pub struct ResponseFuture<S, B, C, X, V, R>
 where
     S: Service<Request<ReplayBody<B>>>,
+    S::Response: HttpResponse,
+    C: ClassifyOutcome<S::Response, S::Error> + Clone,
     B: Body,
     B::Error: Into<BoxError>,
 {
@@ -65,6 +70,8 @@ struct Pending<S, C> {
 enum State<S, B, C>
 where
     S: Service<Request<ReplayBody<B>>>,
+    S::Response: HttpResponse,
+    C: ClassifyOutcome<S::Response, S::Error> + Clone,
     B: Body,
     B::Error: Into<BoxError>,
 {
@@ -82,7 +89,9 @@ where
     },
     Claiming {
         #[pin]
-        fut: crate::ResponseFuture<S, Request<ReplayBody<B>>, C>,
+        fut: crate::ResponseFuture<Collecting<S, C>, Request<ReplayBody<B>>, FromCollected>,
+        /// The request's fingerprint, with replay: compared with a duplicate's record.
+        fingerprint: Option<String>,
     },
     Answered {
         response: Option<Response<Bytes>>,
@@ -92,6 +101,8 @@ where
 impl<S, B, C, X, V, R> fmt::Debug for ResponseFuture<S, B, C, X, V, R>
 where
     S: Service<Request<ReplayBody<B>>>,
+    S::Response: HttpResponse,
+    C: ClassifyOutcome<S::Response, S::Error> + Clone,
     B: Body,
     B::Error: Into<BoxError>,
 {
@@ -111,6 +122,8 @@ where
 impl<S, B, C, X, V, R> ResponseFuture<S, B, C, X, V, R>
 where
     S: Service<Request<ReplayBody<B>>>,
+    S::Response: HttpResponse,
+    C: ClassifyOutcome<S::Response, S::Error> + Clone,
     B: Body,
     B::Error: Into<BoxError>,
     X: HttpKeyExtractor,
@@ -130,8 +143,9 @@ where
             State::Claiming {
                 fut: crate::ResponseFuture::refused(
                     IdempotencyError::Misconfigured { source: source.clone() },
-                    pending.classifier,
+                    FromCollected,
                 ),
+                fingerprint: None,
             }
         } else if let Err(error) = front.verifier.verify_head(&parts) {
             // Authentication comes first, from the head alone: not a byte of the body is read
@@ -171,20 +185,41 @@ fn start<S, B, C>(
     req: Request<ReplayBody<B>>,
     claim: Option<Claim>,
     protocol: &Arc<Protocol>,
+    replay: Option<Arc<Replay>>,
 ) -> State<S, B, C>
 where
     S: Service<Request<ReplayBody<B>>>,
+    S::Response: HttpResponse,
+    C: ClassifyOutcome<S::Response, S::Error> + Clone,
     B: Body,
     B::Error: Into<BoxError>,
 {
     let Pending { inner, classifier } = pending;
-    let fut = match claim {
-        Some(Claim { key, takeover }) => {
-            crate::ResponseFuture::claim(inner, req, key, None, takeover.as_deref(), protocol, classifier)
-        }
-        None => crate::ResponseFuture::pass_through(inner, req, classifier),
+    let inner = Collecting {
+        inner,
+        classifier,
+        replay,
     };
-    State::Claiming { fut }
+    match claim {
+        Some(Claim {
+            key,
+            takeover,
+            fingerprint,
+        }) => {
+            // With replay the request's fingerprint rides in its claim token, stored with the
+            // record, so a later request under the same key can be compared.
+            let owner = fingerprint
+                .as_deref()
+                .and_then(|fp| ClaimToken::generate().with_fingerprint(fp));
+            let fut =
+                crate::ResponseFuture::claim(inner, req, key, owner, takeover.as_deref(), protocol, FromCollected);
+            State::Claiming { fut, fingerprint }
+        }
+        None => State::Claiming {
+            fut: crate::ResponseFuture::pass_through(inner, req, FromCollected),
+            fingerprint: None,
+        },
+    }
 }
 
 /// After extraction: the pre-claim check first, when there is one and a key to claim; else
@@ -199,6 +234,8 @@ fn proceed<S, B, C, X, V, R>(
 ) -> State<S, B, C>
 where
     S: Service<Request<ReplayBody<B>>>,
+    S::Response: HttpResponse,
+    C: ClassifyOutcome<S::Response, S::Error> + Clone,
     B: Body,
     B::Error: Into<BoxError>,
 {
@@ -209,7 +246,13 @@ where
             claim: Some(claim),
             pending: Some(pending),
         },
-        (_, claim) => start(pending, Request::from_parts(parts, body), claim, protocol),
+        (_, claim) => start(
+            pending,
+            Request::from_parts(parts, body),
+            claim,
+            protocol,
+            front.replay.clone(),
+        ),
     }
 }
 
@@ -218,6 +261,8 @@ where
 struct Claim {
     key: IdempotencyKey,
     takeover: Option<String>,
+    /// With replay: the request's fingerprint.
+    fingerprint: Option<String>,
 }
 
 /// The `Content-Length` the client declared, if it is one valid number.
@@ -259,7 +304,12 @@ where
         Ok(Some(key)) => {
             parts.extensions.insert(key.clone());
             let takeover = parts.extensions.get::<OverrideTrigger>().map(|o| o.identity.clone());
-            Ok(Some(Claim { key, takeover }))
+            let fingerprint = front.replay.as_ref().map(|replay| replay.fingerprint(parts, body));
+            Ok(Some(Claim {
+                key,
+                takeover,
+                fingerprint,
+            }))
         }
         Ok(None) => {
             // A key left by an outer layer must not look claimed to the handler.
@@ -297,6 +347,7 @@ fn short_circuit<ResBody>(response: Response<Bytes>) -> Response<ResponseBody<Re
 impl<S, B, C, X, V, R, ResBody> Future for ResponseFuture<S, B, C, X, V, R>
 where
     S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Clone,
+    ResBody: Body,
     B: Body,
     B::Error: Into<BoxError>,
     X: HttpKeyExtractor,
@@ -360,11 +411,17 @@ where
                         polled_after_completion()
                     };
                     let next = match decision {
-                        PreClaim::Claim => start(pending, req, Some(claim), this.protocol),
+                        PreClaim::Claim => start(
+                            pending,
+                            req,
+                            Some(claim),
+                            this.protocol,
+                            this.front.replay.clone(),
+                        ),
                         PreClaim::Ignore => {
                             tracing::info!(key = %claim.key, outcome = "ignored", "pre-claim check: not a job; passing through unclaimed");
                             req.extensions_mut().remove::<IdempotencyKey>();
-                            start(pending, req, None, this.protocol)
+                            start(pending, req, None, this.protocol, this.front.replay.clone())
                         }
                         PreClaim::Defer => {
                             tracing::info!(key = %claim.key, outcome = "deferred", "pre-claim check deferred the request; nothing claimed");
@@ -375,12 +432,18 @@ where
                     };
                     this.state.set(next);
                 }
-                StateProj::Claiming { fut } => {
+                StateProj::Claiming { fut, fingerprint } => {
                     let responses = &this.front.responses;
                     let response = match ready!(fut.poll(cx)) {
-                        Ok(response) => return Poll::Ready(Ok(response.map(Either::Left))),
-                        Err(IdempotencyError::Inner(error)) => return Poll::Ready(Err(error)),
-                        Err(IdempotencyError::Duplicate { key, .. }) => responses.duplicate(&key),
+                        Ok(mut response) => {
+                            response.extensions_mut().remove::<Settled>();
+                            return Poll::Ready(Ok(response));
+                        }
+                        Err(IdempotencyError::Inner(classified)) => return Poll::Ready(Err(classified.error)),
+                        Err(IdempotencyError::Duplicate { key, record }) => match &this.front.replay {
+                            Some(replay) => replay.answer(&key, &record, fingerprint.as_deref()),
+                            None => responses.duplicate(&key),
+                        },
                         Err(IdempotencyError::StoreUnavailable { .. }) => responses.unavailable(),
                         Err(IdempotencyError::ClaimLost { key }) => responses.claim_lost(&key),
                         Err(IdempotencyError::InvalidKey { source }) => responses.invalid(&*source),

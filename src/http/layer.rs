@@ -8,6 +8,7 @@ use tower::Layer;
 
 use super::classify::HttpClassifier;
 use super::pre_claim::PreClaimCheck;
+use super::replay::Replay;
 use super::response::JsonResponses;
 use super::service::{Front, HttpIdempotency};
 use super::signature::{GitHubSignature, GitLabToken, NoVerification, SecretError};
@@ -66,6 +67,7 @@ pub struct HttpIdempotencyLayer<X, V = NoVerification, C = HttpClassifier, R = J
     responses: R,
     body_limit: usize,
     pre_claim: Option<Arc<dyn PreClaimCheck>>,
+    replay: Option<Arc<Replay>>,
 }
 
 impl<X: Clone, V: Clone, C: Clone, R: Clone> Clone for HttpIdempotencyLayer<X, V, C, R> {
@@ -78,6 +80,7 @@ impl<X: Clone, V: Clone, C: Clone, R: Clone> Clone for HttpIdempotencyLayer<X, V
             responses: self.responses.clone(),
             body_limit: self.body_limit,
             pre_claim: self.pre_claim.clone(),
+            replay: self.replay.clone(),
         }
     }
 }
@@ -123,6 +126,7 @@ impl<X> HttpIdempotencyLayer<X> {
             responses: JsonResponses::new(),
             body_limit: DEFAULT_BODY_LIMIT,
             pre_claim: None,
+            replay: None,
         }
     }
 }
@@ -185,6 +189,7 @@ impl<X, V, C, R> HttpIdempotencyLayer<X, V, C, R> {
             responses: self.responses,
             body_limit: self.body_limit,
             pre_claim: self.pre_claim,
+            replay: self.replay,
         }
     }
 
@@ -199,6 +204,7 @@ impl<X, V, C, R> HttpIdempotencyLayer<X, V, C, R> {
             responses: self.responses,
             body_limit: self.body_limit,
             pre_claim: self.pre_claim,
+            replay: self.replay,
         }
     }
 
@@ -212,6 +218,7 @@ impl<X, V, C, R> HttpIdempotencyLayer<X, V, C, R> {
             responses,
             body_limit: self.body_limit,
             pre_claim: self.pre_claim,
+            replay: self.replay,
         }
     }
 
@@ -227,6 +234,7 @@ impl<X, V, C, R> HttpIdempotencyLayer<X, V, C, R> {
             responses: self.responses,
             body_limit: self.body_limit,
             pre_claim: self.pre_claim,
+            replay: self.replay,
         }
     }
 
@@ -261,6 +269,38 @@ impl<X, V, C, R> HttpIdempotencyLayer<X, V, C, R> {
     /// ```
     pub fn with_pre_claim(mut self, check: impl PreClaimCheck) -> Self {
         self.pre_claim = Some(Arc::new(check));
+        self
+    }
+
+    /// Replays the stored response of a completed request to its duplicates, and answers the
+    /// error cases of the IETF `Idempotency-Key` draft (`409` in flight, `422` for another
+    /// payload under the same key) as `application/problem+json`; see [`Replay`]. The body is
+    /// read (up to the body limit) to fingerprint the request. For HTTP APIs, not webhook
+    /// receivers (whose senders want `200` for a duplicate, not a replay).
+    ///
+    /// ```
+    /// use axum::{Router, http::{Request, StatusCode}, routing::post};
+    /// use tower::ServiceExt;
+    /// use tower_idempotency::MemoryStore;
+    /// use tower_idempotency::http::{HeaderKey, HttpIdempotencyLayer, Replay};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let app = Router::new()
+    ///     .route("/payments", post(|| async { (StatusCode::CREATED, r#"{"id":"p1"}"#) }))
+    ///     .route_layer(HttpIdempotencyLayer::new(MemoryStore::new(), HeaderKey::idempotency_key()).with_replay(Replay::new()));
+    /// let req = |body: &'static str| Request::post("/payments").header("idempotency-key", "k1").body(axum::body::Body::from(body)).unwrap();
+    /// let first = app.clone().oneshot(req("{\"amount\":1}")).await.unwrap();
+    /// assert_eq!(first.status(), StatusCode::CREATED);
+    /// let retry = app.clone().oneshot(req("{\"amount\":1}")).await.unwrap();
+    /// assert_eq!(retry.status(), StatusCode::CREATED);
+    /// assert_eq!(retry.headers()["idempotency-replayed"], "true");
+    /// let other = app.oneshot(req("{\"amount\":2}")).await.unwrap();
+    /// assert_eq!(other.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    /// # }
+    /// ```
+    pub fn with_replay(mut self, replay: Replay) -> Self {
+        self.settings.wait = replay.wait();
+        self.replay = Some(Arc::new(replay));
         self
     }
 
@@ -309,6 +349,7 @@ impl<S, X: Clone, V: Clone, C: Clone, R: Clone> Layer<S> for HttpIdempotencyLaye
                 responses: self.responses.clone(),
                 body_limit: self.body_limit,
                 pre_claim: self.pre_claim.clone(),
+                replay: self.replay.clone(),
             }),
         )
     }

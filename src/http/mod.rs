@@ -125,10 +125,12 @@
 
 mod body;
 mod classify;
+mod collect;
 mod extract;
 mod future;
 mod layer;
 mod pre_claim;
+mod replay;
 mod response;
 mod service;
 mod signature;
@@ -136,10 +138,12 @@ mod webhook;
 
 pub use body::{ReplayBody, ResponseBody};
 pub use classify::{Blocked, HttpClassifier};
+pub use collect::HttpResponse;
 pub use extract::{ExtractError, HeaderKey, HttpKeyExtractor};
 pub use future::ResponseFuture;
 pub use layer::{DEFAULT_BODY_LIMIT, HttpIdempotencyLayer};
 pub use pre_claim::{PreClaim, PreClaimCheck, PreClaimFuture};
+pub use replay::{IDEMPOTENCY_REPLAYED, Replay};
 pub use response::{DEFAULT_RETRY_AFTER, IDEMPOTENCY_STATUS, JsonResponses, ShortCircuitResponse};
 pub use service::HttpIdempotency;
 pub use signature::{GitHubSignature, GitLabToken, NoVerification, SecretError, SignatureError, VerifyRequest};

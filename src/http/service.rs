@@ -26,11 +26,12 @@ pub(crate) struct Front<X, V, R> {
     pub(crate) responses: R,
     pub(crate) body_limit: usize,
     pub(crate) pre_claim: Option<Arc<dyn super::PreClaimCheck>>,
+    pub(crate) replay: Option<Arc<super::Replay>>,
 }
 
 impl<X: HttpKeyExtractor, V: VerifyRequest, R> Front<X, V, R> {
     pub(crate) fn needs_body(&self) -> bool {
-        self.extractor.needs_body() || self.verifier.needs_body()
+        self.extractor.needs_body() || self.verifier.needs_body() || self.replay.is_some()
     }
 }
 
@@ -132,6 +133,7 @@ impl<S, X, V, C, R> HttpIdempotency<S, X, V, C, R> {
 impl<S, X, V, C, R, B, ResBody> Service<Request<B>> for HttpIdempotency<S, X, V, C, R>
 where
     S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Clone,
+    ResBody: Body,
     B: Body,
     B::Error: Into<BoxError>,
     X: HttpKeyExtractor,
