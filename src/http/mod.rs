@@ -126,6 +126,7 @@
 mod body;
 mod classify;
 mod collect;
+mod detach;
 mod extract;
 mod future;
 mod layer;
@@ -139,12 +140,13 @@ mod webhook;
 pub use body::{ReplayBody, ResponseBody};
 pub use classify::{Blocked, HttpClassifier};
 pub use collect::HttpResponse;
+pub use detach::{Handlers, RunToCompletion, RunToCompletionLayer};
 pub use extract::{ExtractError, HeaderKey, HttpKeyExtractor};
 pub use future::ResponseFuture;
 pub use layer::{DEFAULT_BODY_LIMIT, HttpIdempotencyLayer};
 pub use pre_claim::{PreClaim, PreClaimCheck, PreClaimFuture};
 pub use replay::{IDEMPOTENCY_REPLAYED, Replay};
-pub use response::{DEFAULT_RETRY_AFTER, IDEMPOTENCY_STATUS, JsonResponses, ShortCircuitResponse};
+pub use response::{DEFAULT_RETRY_AFTER, IDEMPOTENCY_STATUS, JsonResponses, ProblemResponses, ShortCircuitResponse};
 pub use service::HttpIdempotency;
 pub use signature::{GitHubSignature, GitLabToken, NoVerification, SecretError, SignatureError, VerifyRequest};
 pub use webhook::{

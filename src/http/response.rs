@@ -262,3 +262,119 @@ fn json(status: StatusCode, body: String) -> Response<Bytes> {
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
+
+/// Every short-circuit as `application/problem+json` (RFC 9457), for HTTP APIs: the same
+/// statuses and headers as [`JsonResponses::new`], with a problem document
+/// (`type`, `title`, `status`, `detail`) naming what is wrong.
+///
+/// ```
+/// use http::StatusCode;
+/// use tower_idempotency::http::{ProblemResponses, ShortCircuitResponse};
+///
+/// let error = std::io::Error::other("missing header `idempotency-key`");
+/// let response = ProblemResponses::new().invalid(&error);
+/// assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+/// assert_eq!(response.headers()["content-type"], "application/problem+json");
+/// let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+/// assert_eq!(body["status"], 400);
+/// assert!(body["detail"].as_str().unwrap().contains("idempotency-key"));
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProblemResponses {
+    json: JsonResponses,
+}
+
+impl ProblemResponses {
+    /// Problem documents with [`JsonResponses::new`]'s statuses.
+    pub const fn new() -> Self {
+        Self {
+            json: JsonResponses::new(),
+        }
+    }
+
+    /// The `Retry-After` of the `503` responses.
+    pub const fn with_retry_after(mut self, retry_after: Duration) -> Self {
+        self.json = self.json.with_retry_after(retry_after);
+        self
+    }
+
+    fn with_retry_after_header(&self, mut response: Response<Bytes>) -> Response<Bytes> {
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(self.json.retry_after_secs()));
+        response
+    }
+}
+
+impl ShortCircuitResponse for ProblemResponses {
+    fn duplicate(&self, key: &IdempotencyKey) -> Response<Bytes> {
+        let mut response = super::replay::problem(
+            StatusCode::CONFLICT,
+            "duplicate",
+            "Duplicate request",
+            &format!("key `{key}` is already claimed"),
+        );
+        response
+            .headers_mut()
+            .insert(IDEMPOTENCY_STATUS, HeaderValue::from_static("duplicate"));
+        response
+    }
+
+    fn unavailable(&self) -> Response<Bytes> {
+        self.with_retry_after_header(super::replay::problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store-unavailable",
+            "Idempotency store unavailable",
+            "the request was not run, to avoid running it twice; retry later",
+        ))
+    }
+
+    fn claim_lost(&self, key: &IdempotencyKey) -> Response<Bytes> {
+        self.with_retry_after_header(super::replay::problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "claim-lost",
+            "Claim lost while the request ran",
+            &format!("the claim on key `{key}` was lost; the request was aborted"),
+        ))
+    }
+
+    fn invalid(&self, error: &(dyn Error + 'static)) -> Response<Bytes> {
+        super::replay::problem(
+            StatusCode::BAD_REQUEST,
+            "invalid-request",
+            "Invalid or missing idempotency key",
+            &Chain(error).to_string(),
+        )
+    }
+
+    fn too_large(&self, limit: usize) -> Response<Bytes> {
+        super::replay::problem(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-large",
+            "Request body too large",
+            &format!("request body is larger than the limit of {limit} bytes"),
+        )
+    }
+
+    fn unauthorized(&self, error: &(dyn Error + 'static)) -> Response<Bytes> {
+        super::replay::problem(
+            StatusCode::FORBIDDEN,
+            "unauthorized",
+            "Signature check failed",
+            &Chain(error).to_string(),
+        )
+    }
+
+    fn unsupported_media_type(&self, error: &(dyn Error + 'static)) -> Response<Bytes> {
+        super::replay::problem(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "Unsupported content type",
+            &Chain(error).to_string(),
+        )
+    }
+
+    fn deferred(&self, key: &IdempotencyKey) -> Response<Bytes> {
+        self.json.deferred(key)
+    }
+}
