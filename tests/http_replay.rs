@@ -1,0 +1,95 @@
+//! Replay in the HTTP layer, in process (MemoryStore): what is stored, what is not, and the
+//! bounded wait for an original in flight.
+
+#[allow(dead_code)]
+mod webhook_support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::post;
+use tower_idempotency::MemoryStore;
+use tower_idempotency::http::{HeaderKey, HttpIdempotencyLayer, Replay};
+use webhook_support::{RawResponse, serve};
+
+async fn call(addr: std::net::SocketAddr, key: &str) -> RawResponse {
+    webhook_support::post(addr, "/p", &[("idempotency-key", key)], b"{}").await
+}
+
+#[tokio::test]
+async fn a_500_is_not_stored_and_the_retry_runs_the_handler_again() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let app = Router::new().route(
+        "/p",
+        post(move || {
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    (StatusCode::INTERNAL_SERVER_ERROR, "boom")
+                } else {
+                    (StatusCode::CREATED, "made")
+                }
+            }
+        })
+        .route_layer(HttpIdempotencyLayer::new(MemoryStore::new(), HeaderKey::idempotency_key()).with_replay(Replay::new())),
+    );
+    let addr = serve(app).await;
+    assert_eq!(call(addr, "k").await.status, 500);
+    let retry = call(addr, "k").await;
+    assert_eq!((retry.status, retry.body.as_str()), (201, "made"), "the handler ran again");
+    assert_eq!(retry.header("idempotency-replayed"), None);
+    let replay = call(addr, "k").await;
+    assert_eq!((replay.status, replay.header("idempotency-replayed")), (201, Some("true")));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_response_over_the_size_limit_is_not_replayed_nor_run_again() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let app = Router::new().route(
+        "/p",
+        post(move || {
+            c.fetch_add(1, Ordering::SeqCst);
+            async { (StatusCode::OK, "x".repeat(2048)) }
+        })
+        .route_layer(
+            HttpIdempotencyLayer::new(MemoryStore::new(), HeaderKey::idempotency_key())
+                .with_replay(Replay::new())
+                .with_max_outcome_size(1024),
+        ),
+    );
+    let addr = serve(app).await;
+    let first = call(addr, "k").await;
+    assert_eq!((first.status, first.body.len()), (200, 2048), "the client still gets the whole body");
+    let retry = call(addr, "k").await;
+    assert_eq!(retry.status, 409, "{retry:?}");
+    assert!(retry.body.contains("response-not-stored"), "{}", retry.body);
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "not run again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_in_flight_waits_for_the_original_and_replays_it() {
+    let app = Router::new().route(
+        "/p",
+        post(|| async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            (StatusCode::CREATED, "made once")
+        })
+        .route_layer(
+            HttpIdempotencyLayer::new(MemoryStore::new(), HeaderKey::idempotency_key())
+                .with_replay(Replay::new().with_wait(Duration::from_secs(10))),
+        ),
+    );
+    let addr = serve(app).await;
+    let first = tokio::spawn(async move { call(addr, "k").await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = call(addr, "k").await;
+    assert_eq!((second.status, second.body.as_str()), (201, "made once"), "{second:?}");
+    assert_eq!(second.header("idempotency-replayed"), Some("true"));
+    assert_eq!(first.await.unwrap().status, 201);
+}
