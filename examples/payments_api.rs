@@ -58,7 +58,9 @@ fn parse_args() -> Result<Args, String> {
                 args.handler_delay = Duration::from_millis(ms);
             }
             "-h" | "--help" => {
-                return Err("usage: payments_api [--listen ADDR] [--redis URL] [--namespace NS] [--handler-delay-ms N]".into());
+                return Err(
+                    "usage: payments_api [--listen ADDR] [--redis URL] [--namespace NS] [--handler-delay-ms N]".into(),
+                );
             }
             other => return Err(format!("unknown argument {other}")),
         }
@@ -100,7 +102,12 @@ async fn create_payment(
         .arg(&app.created)
         .query_async(&mut conn)
         .await
-        .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, format!("cannot record the payment: {e}")))?;
+        .map_err(|e| {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot record the payment: {e}"),
+            )
+        })?;
     let payment = Payment {
         id: format!("pay_{n:08}_{:08x}", std::process::id()),
         amount: new.amount,
@@ -112,7 +119,9 @@ async fn create_payment(
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let store = RedisStore::connect(args.redis.as_str()).await?;
-    let conn = redis::Client::open(args.redis.as_str())?.get_connection_manager().await?;
+    let conn = redis::Client::open(args.redis.as_str())?
+        .get_connection_manager()
+        .await?;
     let app = App {
         conn,
         created: format!("{}created", args.namespace),
@@ -157,7 +166,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the Tokio runtime: {e}");

@@ -79,7 +79,11 @@ impl<E: fmt::Display> fmt::Display for IdempotencyError<E> {
             IdempotencyError::Duplicate { key, record } => write!(
                 f,
                 "duplicate: key `{key}` is already claimed ({})",
-                if record.state().is_completed() { "completed" } else { "in progress" }
+                if record.state().is_completed() {
+                    "completed"
+                } else {
+                    "in progress"
+                }
             ),
             IdempotencyError::StoreUnavailable { key, .. } => write!(
                 f,

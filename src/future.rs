@@ -126,7 +126,10 @@ where
                 protocol: protocol.clone(),
                 owner: owner.clone(),
                 until: tokio::time::Instant::now() + wait,
-                every: (wait / 20).clamp(std::time::Duration::from_millis(10), std::time::Duration::from_millis(250)),
+                every: (wait / 20).clamp(
+                    std::time::Duration::from_millis(10),
+                    std::time::Duration::from_millis(250),
+                ),
             })
         });
         let claiming = span.in_scope(|| protocol.begin(key, owner, takeover));
@@ -220,10 +223,16 @@ where
                         polled_after_completion()
                     };
                     let next = match decision {
-                        Decision::Dispatch(lease) => State::Calling {
-                            fut: inner.call(req),
-                            running: lease.map(Lease::run),
-                        },
+                        Decision::Dispatch(lease) => {
+                            let running = lease.map(Lease::run);
+                            // The job can reach its claim (lost signal, fencing token) while it
+                            // is called and polled.
+                            let fut = match &running {
+                                Some(run) => run.handle().scope(|| inner.call(req)),
+                                None => inner.call(req),
+                            };
+                            State::Calling { fut, running }
+                        }
                         Decision::Duplicate(record) => State::Done {
                             result: Some(Err(IdempotencyError::Duplicate { key, record })),
                         },
@@ -242,8 +251,12 @@ where
                     let parts = parts.take();
                     this.state.set(State::Claiming { claiming, parts });
                 }
-                StateProj::Calling { fut, running } => {
-                    let result = match fut.poll(cx) {
+                StateProj::Calling { mut fut, running } => {
+                    let polled = match running.as_ref() {
+                        Some(run) => run.handle().scope(|| fut.as_mut().poll(cx)),
+                        None => fut.as_mut().poll(cx),
+                    };
+                    let result = match polled {
                         Poll::Ready(result) => result,
                         Poll::Pending => {
                             if let Some(run) = running.as_mut()

@@ -62,6 +62,7 @@ mod future;
 pub mod http;
 mod key;
 mod layer;
+mod lease_handle;
 pub mod observe;
 mod protocol;
 mod report;
@@ -75,6 +76,7 @@ pub use extract::{BoxError, KeyExtractor, WithOverride, WithOwner};
 pub use future::ResponseFuture;
 pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
 pub use layer::IdempotencyLayer;
+pub use lease_handle::LeaseHandle;
 pub use report::{DEFAULT_REPORT_INTERVAL, DEFAULT_SENTRY_TAG};
 pub use service::Idempotency;
 pub use settings::{

@@ -163,6 +163,8 @@ pub(crate) struct Settings {
     pub(crate) max_outcome_size: usize,
     /// How long a duplicate of an original in progress waits for it before answering.
     pub(crate) wait: Option<Duration>,
+    /// Claims hand out fencing tokens.
+    pub(crate) fencing: bool,
 }
 
 impl std::fmt::Debug for Settings {
@@ -203,6 +205,7 @@ impl Settings {
             retention: None,
             max_outcome_size: DEFAULT_MAX_OUTCOME_SIZE,
             wait: None,
+            fencing: false,
         }
     }
 
@@ -402,6 +405,19 @@ macro_rules! settings_builders {
         /// (blocked, failed), the duplicate claims the key and runs. Default: no wait.
         pub fn with_wait_for_original(mut self, wait: std::time::Duration) -> Self {
             self.settings.wait = Some(wait);
+            self
+        }
+
+        /// Hands every claim a **fencing token** (default off): a number greater than every
+        /// earlier holder's of the same key, kept in the record and given to the job through
+        /// [`LeaseHandle::fencing_token`](crate::LeaseHandle::fencing_token), so downstream
+        /// writes can reject a holder whose claim was lost. With `RedisStore` the token is the
+        /// server's clock in microseconds (`TIME`, inside the claim script — a script instead
+        /// of one `SET`, so claims cost more server time); it increases across holders as long
+        /// as that clock does not step back (e.g. a failover to a server whose clock is
+        /// behind).
+        pub fn with_fencing(mut self, fencing: bool) -> Self {
+            self.settings.fencing = fencing;
             self
         }
 

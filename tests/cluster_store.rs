@@ -63,7 +63,9 @@ impl<S: IdempotencyStore> IdempotencyStore for Prefixed<S> {
         token: &ClaimToken,
         ttl: Duration,
     ) -> Result<tower_idempotency::ClaimReply, tower_idempotency::StoreError> {
-        self.inner.claim_record(&format!("{}{key}", self.prefix), token, ttl).await
+        self.inner
+            .claim_record(&format!("{}{key}", self.prefix), token, ttl)
+            .await
     }
     async fn complete(
         &self,
@@ -76,7 +78,22 @@ impl<S: IdempotencyStore> IdempotencyStore for Prefixed<S> {
             .complete(&format!("{}{key}", self.prefix), token, outcome, retention)
             .await
     }
-    async fn take_over(&self, key: &str, token: &ClaimToken, ttl: Duration) -> Result<bool, tower_idempotency::StoreError> {
+    async fn claim_fenced(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        ttl: Duration,
+    ) -> Result<(tower_idempotency::ClaimReply, Option<u64>), tower_idempotency::StoreError> {
+        self.inner
+            .claim_fenced(&format!("{}{key}", self.prefix), token, ttl)
+            .await
+    }
+    async fn take_over(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        ttl: Duration,
+    ) -> Result<bool, tower_idempotency::StoreError> {
         self.inner.take_over(&format!("{}{key}", self.prefix), token, ttl).await
     }
 }

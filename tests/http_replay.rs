@@ -35,15 +35,24 @@ async fn a_500_is_not_stored_and_the_retry_runs_the_handler_again() {
                 }
             }
         })
-        .route_layer(HttpIdempotencyLayer::new(MemoryStore::new(), HeaderKey::idempotency_key()).with_replay(Replay::new())),
+        .route_layer(
+            HttpIdempotencyLayer::new(MemoryStore::new(), HeaderKey::idempotency_key()).with_replay(Replay::new()),
+        ),
     );
     let addr = serve(app).await;
     assert_eq!(call(addr, "k").await.status, 500);
     let retry = call(addr, "k").await;
-    assert_eq!((retry.status, retry.body.as_str()), (201, "made"), "the handler ran again");
+    assert_eq!(
+        (retry.status, retry.body.as_str()),
+        (201, "made"),
+        "the handler ran again"
+    );
     assert_eq!(retry.header("idempotency-replayed"), None);
     let replay = call(addr, "k").await;
-    assert_eq!((replay.status, replay.header("idempotency-replayed")), (201, Some("true")));
+    assert_eq!(
+        (replay.status, replay.header("idempotency-replayed")),
+        (201, Some("true"))
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
@@ -65,7 +74,11 @@ async fn a_response_over_the_size_limit_is_not_replayed_nor_run_again() {
     );
     let addr = serve(app).await;
     let first = call(addr, "k").await;
-    assert_eq!((first.status, first.body.len()), (200, 2048), "the client still gets the whole body");
+    assert_eq!(
+        (first.status, first.body.len()),
+        (200, 2048),
+        "the client still gets the whole body"
+    );
     let retry = call(addr, "k").await;
     assert_eq!(retry.status, 409, "{retry:?}");
     assert!(retry.body.contains("response-not-stored"), "{}", retry.body);

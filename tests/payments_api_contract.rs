@@ -81,7 +81,10 @@ async fn a_retry_replays_the_identical_response_also_in_a_second_process() {
     let first = pay(&a, Some("pay-1"), body).await;
     assert_eq!(first.status, 201, "{first:?}");
     let json: serde_json::Value = serde_json::from_str(&first.body).expect("JSON");
-    assert_eq!((json["amount"].as_i64(), json["currency"].as_str()), (Some(1200), Some("EUR")));
+    assert_eq!(
+        (json["amount"].as_i64(), json["currency"].as_str()),
+        (Some(1200), Some("EUR"))
+    );
     assert!(json["id"].is_string());
     assert_eq!(first.header("idempotency-replayed"), None);
     for (api, name) in [(&a, "same process"), (&b, "second process")] {
@@ -98,7 +101,12 @@ async fn a_retry_replays_the_identical_response_also_in_a_second_process() {
 async fn the_same_key_with_another_body_is_422() {
     let server = RedisServer::start();
     let api = start(&server, 0).await;
-    assert_eq!(pay(&api, Some("pay-2"), r#"{"amount":1,"currency":"EUR"}"#).await.status, 201);
+    assert_eq!(
+        pay(&api, Some("pay-2"), r#"{"amount":1,"currency":"EUR"}"#)
+            .await
+            .status,
+        201
+    );
     let other = pay(&api, Some("pay-2"), r#"{"amount":2,"currency":"EUR"}"#).await;
     assert_eq!(other.status, 422, "{other:?}");
     assert!(is_problem(&other), "{other:?}");
@@ -125,7 +133,11 @@ async fn a_concurrent_request_while_the_first_is_in_flight_is_409_with_retry_aft
     let second = pay(&api, Some("pay-3"), body).await;
     assert_eq!(second.status, 409, "{second:?}");
     assert!(is_problem(&second), "{second:?}");
-    let retry_after: u64 = second.header("retry-after").expect("Retry-After").parse().expect("seconds");
+    let retry_after: u64 = second
+        .header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .expect("seconds");
     assert!(retry_after >= 1, "{retry_after}");
     let first = first.await.expect("first request");
     assert_eq!(first.status, 201, "{first:?}");

@@ -107,5 +107,8 @@ async fn claiming_again_with_the_same_token_is_acquired() {
     // Someone else is still a duplicate.
     let other = IdempotencyStore::claim(&store, "k", &ClaimToken::from_string("other"), TTL).await;
     assert!(matches!(other, Ok(ClaimOutcome::AlreadyClaimed)), "{other:?}");
-    assert_eq!(Record::parse(server.cli(&["GET", "k"]).as_bytes()).token(), token.as_str());
+    assert_eq!(
+        Record::parse(server.cli(&["GET", "k"]).as_bytes()).token(),
+        token.as_str()
+    );
 }

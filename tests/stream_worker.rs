@@ -298,7 +298,11 @@ async fn duplicate_arriving_while_the_original_runs(original_blocked: bool) -> (
     assert_eq!(disposition, Disposition::Retry, "left pending while the original runs");
 
     let (_, original_disposition) = original.await.unwrap();
-    let expected = if original_blocked { Disposition::Retry } else { Disposition::Ack };
+    let expected = if original_blocked {
+        Disposition::Retry
+    } else {
+        Disposition::Ack
+    };
     assert_eq!(original_disposition, expected);
     if original_disposition == Disposition::Ack {
         rig.consumer.ack(&batch[0].id).await.unwrap();
@@ -307,7 +311,10 @@ async fn duplicate_arriving_while_the_original_runs(original_blocked: bool) -> (
     // After min_idle, XAUTOCLAIM hands the pending messages out again.
     tokio::time::sleep(Duration::from_millis(400)).await;
     let retry = rig.consumer.next_batch().await.unwrap();
-    let retried = retry.iter().find(|e| e.id == second.id).expect("the duplicate was left pending and comes back");
+    let retried = retry
+        .iter()
+        .find(|e| e.id == second.id)
+        .expect("the duplicate was left pending and comes back");
     let mut retry_svc = svc.clone();
     let (result, disposition) = handle_message(&mut rig.consumer, &mut retry_svc, retried, Settle::Release)
         .await
@@ -315,7 +322,10 @@ async fn duplicate_arriving_while_the_original_runs(original_blocked: bool) -> (
     if original_blocked {
         assert!(matches!(result, Some(Ok(Dispatch::Dispatched(_)))), "{result:?}");
     } else {
-        assert!(matches!(&result, Some(Err(e)) if e.is_duplicate_completed()), "{result:?}");
+        assert!(
+            matches!(&result, Some(Err(e)) if e.is_duplicate_completed()),
+            "{result:?}"
+        );
     }
     (dispatched.load(Ordering::SeqCst), disposition)
 }
@@ -324,12 +334,18 @@ async fn duplicate_arriving_while_the_original_runs(original_blocked: bool) -> (
 async fn duplicate_in_progress_stays_pending_and_dispatches_after_the_original_is_blocked() {
     let (dispatched, disposition) = duplicate_arriving_while_the_original_runs(true).await;
     assert_eq!(disposition, Disposition::Ack);
-    assert_eq!(dispatched, 1, "the blocked original's trigger is not lost: the retry dispatched it");
+    assert_eq!(
+        dispatched, 1,
+        "the blocked original's trigger is not lost: the retry dispatched it"
+    );
 }
 
 #[tokio::test]
 async fn duplicate_in_progress_stays_pending_and_is_acked_after_the_original_completes() {
     let (dispatched, disposition) = duplicate_arriving_while_the_original_runs(false).await;
     assert_eq!(disposition, Disposition::Ack);
-    assert_eq!(dispatched, 1, "the completed original ran once; its duplicate was acked without a run");
+    assert_eq!(
+        dispatched, 1,
+        "the completed original ran once; its duplicate was acked without a run"
+    );
 }

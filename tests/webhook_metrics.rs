@@ -57,6 +57,10 @@ async fn the_router_serves_prometheus_metrics_with_the_outcome_counters() {
         })
     };
     let duplicates = count("duplicate_in_progress") + count("duplicate_completed");
-    assert_eq!(duplicates, 2.0, "two duplicates, in progress or completed:\n{}", metrics.body);
+    assert_eq!(
+        duplicates, 2.0,
+        "two duplicates, in progress or completed:\n{}",
+        metrics.body
+    );
     assert!(metrics.body.contains("idempotency_store_duration"), "{}", metrics.body);
 }

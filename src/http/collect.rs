@@ -82,7 +82,16 @@ where
         })
     }
 
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        // The handler finds its claim (lost signal, fencing token) in the request's extensions.
+        match crate::LeaseHandle::current() {
+            Some(handle) => {
+                req.extensions_mut().insert(handle);
+            }
+            None => {
+                req.extensions_mut().remove::<crate::LeaseHandle>();
+            }
+        }
         CollectingFuture {
             state: CollectState::Calling {
                 fut: self.inner.call(req),
@@ -171,7 +180,10 @@ where
                         Err(_) => {
                             // The handler ran but its body broke off: keep the claim (it may
                             // have had its effect), store nothing, answer what was read: none.
-                            tracing::error!(outcome = "response_body_failed", "the handler's response body failed while being read for replay; nothing stored");
+                            tracing::error!(
+                                outcome = "response_body_failed",
+                                "the handler's response body failed while being read for replay; nothing stored"
+                            );
                             parts.status = http::StatusCode::BAD_GATEWAY;
                             (Bytes::new(), None)
                         }

@@ -18,9 +18,9 @@ use tower::Service;
 
 use super::body::{ReplayBody, ResponseBody};
 use super::collect::{Collecting, FromCollected, HttpResponse, Settled};
-use super::replay::Replay;
 use super::extract::ExtractError;
 use super::pre_claim::{PreClaim, PreClaimFuture};
+use super::replay::Replay;
 use super::service::Front;
 use super::webhook::OverrideTrigger;
 use super::{HttpKeyExtractor, ShortCircuitResponse, VerifyRequest};
@@ -411,13 +411,7 @@ where
                         polled_after_completion()
                     };
                     let next = match decision {
-                        PreClaim::Claim => start(
-                            pending,
-                            req,
-                            Some(claim),
-                            this.protocol,
-                            this.front.replay.clone(),
-                        ),
+                        PreClaim::Claim => start(pending, req, Some(claim), this.protocol, this.front.replay.clone()),
                         PreClaim::Ignore => {
                             tracing::info!(key = %claim.key, outcome = "ignored", "pre-claim check: not a job; passing through unclaimed");
                             req.extensions_mut().remove::<IdempotencyKey>();

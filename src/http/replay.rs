@@ -78,11 +78,7 @@ impl Replay {
     /// default fingerprint.
     pub fn new() -> Self {
         Self {
-            headers: vec![
-                CONTENT_TYPE,
-                http::header::LOCATION,
-                http::header::CONTENT_LOCATION,
-            ],
+            headers: vec![CONTENT_TYPE, http::header::LOCATION, http::header::CONTENT_LOCATION],
             wait: None,
             fingerprint: Arc::new(default_fingerprint),
         }

@@ -105,12 +105,12 @@ struct AttemptState {
 
 enum Progress {
     Sending {
-        claim: BoxFuture<Result<ClaimReply, StoreError>>,
+        claim: BoxFuture<Result<(ClaimReply, Option<u64>), StoreError>>,
         /// When it was first polled: from then on the command may have reached the store.
         sent: Option<std::time::Instant>,
     },
     /// The store's answer, and when it came (when an acquired claim's hold starts).
-    Answered(Result<ClaimReply, StoreError>, std::time::Instant),
+    Answered(Result<(ClaimReply, Option<u64>), StoreError>, std::time::Instant),
 }
 
 /// The members' wakers, once a second member has polled: the store call is then polled with a
@@ -165,7 +165,7 @@ impl Attempt {
         let claim = settings
             .store
             .clone()
-            .claim(full_key.clone(), token.clone(), settings.ttl);
+            .claim(full_key.clone(), token.clone(), settings.ttl, settings.fencing);
         Self::with_claim(protocol, key, full_key, None, token, claim, coalesced)
     }
 
@@ -179,13 +179,13 @@ impl Attempt {
         let identity_key: Arc<str> = Arc::from(format!("{main_key}:override:{identity}").as_str());
         let (store, ttl) = (protocol.settings.store.clone(), protocol.settings.ttl);
         let (id_key, main, tok, shown) = (identity_key.clone(), main_key.clone(), token.clone(), key.clone());
-        let claim: BoxFuture<Result<ClaimReply, StoreError>> = Box::pin(async move {
-            if let ClaimReply::Held(record) = store.clone().claim(id_key, tok.clone(), ttl).await? {
-                return Ok(ClaimReply::Held(record));
+        let claim: BoxFuture<Result<(ClaimReply, Option<u64>), StoreError>> = Box::pin(async move {
+            if let (ClaimReply::Held(record), _) = store.clone().claim(id_key, tok.clone(), ttl, false).await? {
+                return Ok((ClaimReply::Held(record), None));
             }
             let took_over = store.take_over(main, tok, ttl).await?;
             tracing::info!(key = %shown, outcome = "override", took_over, "override: claim taken over");
-            Ok(ClaimReply::Acquired)
+            Ok((ClaimReply::Acquired, None))
         });
         Self::with_claim(protocol, key, identity_key, Some(main_key), token, claim, false)
     }
@@ -196,7 +196,7 @@ impl Attempt {
         full_key: Arc<str>,
         also: Option<Arc<str>>,
         token: ClaimToken,
-        claim: BoxFuture<Result<ClaimReply, StoreError>>,
+        claim: BoxFuture<Result<(ClaimReply, Option<u64>), StoreError>>,
         coalesced: bool,
     ) -> Self {
         Self {
@@ -222,7 +222,7 @@ impl Attempt {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lease(&self, confirmed: bool, acquired_at: std::time::Instant) -> Lease {
+    fn lease(&self, confirmed: bool, acquired_at: std::time::Instant, fence: Option<u64>) -> Lease {
         Lease::new(
             self.protocol.clone(),
             self.key.clone(),
@@ -231,6 +231,7 @@ impl Attempt {
             self.token.clone(),
             confirmed,
             acquired_at,
+            fence,
         )
     }
 
@@ -251,7 +252,7 @@ impl Attempt {
         let settings = &self.protocol.settings;
         let key = &self.key;
         match answer {
-            Ok(ClaimReply::Acquired) if !*lease_taken => {
+            Ok((ClaimReply::Acquired, fence)) if !*lease_taken => {
                 *lease_taken = true;
                 let observers = &self.protocol.observers;
                 if self.also.is_some() {
@@ -259,11 +260,11 @@ impl Attempt {
                 }
                 observers.outcome(Outcome::Claimed);
                 tracing::info!(key = %key, outcome = "claimed", "claimed; dispatching");
-                Decision::Dispatch(Some(self.lease(true, *answered_at)))
+                Decision::Dispatch(Some(self.lease(true, *answered_at, *fence)))
             }
             // Another member of this attempt took the lease: its claim is in progress.
-            Ok(ClaimReply::Acquired) => self.duplicate(Record::in_progress(&self.token, Some(settings.ttl))),
-            Ok(ClaimReply::Held(record)) => self.duplicate(record.clone()),
+            Ok((ClaimReply::Acquired, _)) => self.duplicate(Record::in_progress(&self.token, Some(settings.ttl))),
+            Ok((ClaimReply::Held(record), _)) => self.duplicate(record.clone()),
             Err(error) if settings.store_error_policy == StoreErrorPolicy::FailClosed && !settings.shadow => {
                 self.protocol.observers.outcome(Outcome::FailedClosed);
                 tracing::error!(key = %key, outcome = "store_unavailable", error = %Chain(error), "idempotency store error; failing closed, nothing dispatched");
@@ -278,7 +279,7 @@ impl Attempt {
                 // it up under the running job.
                 let lease = (error.may_have_applied() && !*lease_taken).then(|| {
                     *lease_taken = true;
-                    self.lease(false, *answered_at)
+                    self.lease(false, *answered_at, None)
                 });
                 self.protocol.observers.outcome(if settings.shadow {
                     Outcome::ShadowWouldSkip
@@ -321,8 +322,8 @@ impl Drop for Attempt {
         let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         let maybe_landed = match &state.progress {
             Progress::Sending { sent, .. } => sent.is_some(),
-            Progress::Answered(Ok(ClaimReply::Acquired), _) => true,
-            Progress::Answered(Ok(ClaimReply::Held(_)), _) => false,
+            Progress::Answered(Ok((ClaimReply::Acquired, _)), _) => true,
+            Progress::Answered(Ok((ClaimReply::Held(_), _)), _) => false,
             Progress::Answered(Err(error), _) => error.may_have_applied(),
         };
         if maybe_landed && !state.lease_taken {

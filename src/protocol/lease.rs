@@ -18,6 +18,7 @@ use super::background::Work;
 use crate::IdempotencyKey;
 use crate::classify::Settle;
 use crate::error::Chain;
+use crate::lease_handle::LeaseHandle;
 use crate::observe::Outcome;
 use crate::settings::LostClaimPolicy;
 use crate::store::{BoxFuture, ClaimToken, StoreError};
@@ -38,6 +39,8 @@ pub(crate) struct Lease {
     /// "now + TTL" whenever it is asked.
     renewed_until: Option<Instant>,
     settled: bool,
+    /// The fencing token the store handed out with the claim, when fencing is on.
+    fence: Option<u64>,
 }
 
 impl Lease {
@@ -49,6 +52,7 @@ impl Lease {
         token: ClaimToken,
         confirmed: bool,
         acquired_at: std::time::Instant,
+        fence: Option<u64>,
     ) -> Self {
         Self {
             protocol,
@@ -60,6 +64,7 @@ impl Lease {
             acquired_at,
             renewed_until: None,
             settled: false,
+            fence,
         }
     }
 
@@ -82,7 +87,12 @@ impl Lease {
                 sent_at: now,
             }
         });
-        Running { lease: self, renewal }
+        let handle = LeaseHandle::new(self.key.clone(), self.fence);
+        Running {
+            lease: self,
+            renewal,
+            handle,
+        }
     }
 }
 
@@ -113,6 +123,8 @@ impl Drop for Lease {
 pub(crate) struct Running {
     lease: Lease,
     renewal: Option<Renewal>,
+    /// What the job can see of its claim (lost signal, fencing token).
+    handle: LeaseHandle,
 }
 
 struct Renewal {
@@ -134,6 +146,11 @@ impl Running {
         &self.lease.key
     }
 
+    /// What the job can see of its claim.
+    pub(crate) fn handle(&self) -> &LeaseHandle {
+        &self.handle
+    }
+
     /// Drives renewal while the job runs. Ready when the claim was found lost and the
     /// lost-claim policy says to abort the job.
     pub(crate) fn poll_abort(&mut self, cx: &mut Context<'_>) -> Poll<()> {
@@ -152,6 +169,7 @@ impl Running {
             }
             RenewalEnd::Lost => {
                 lease.protocol.observers.outcome(Outcome::LeaseLost);
+                self.handle.mark_lost();
                 tracing::error!(key = %lease.key, outcome = "claim_lost", "claim lost while the job ran; another trigger may dispatch");
                 settings.reporter.claim_lost(&lease.full_key);
                 if settings.lost_claim == LostClaimPolicy::Abort {
@@ -184,7 +202,10 @@ impl Running {
                     fits
                 });
                 let lease = self.lease;
-                let (store, retention) = (lease.protocol.settings.store.clone(), lease.protocol.settings.retention());
+                let (store, retention) = (
+                    lease.protocol.settings.store.clone(),
+                    lease.protocol.settings.retention(),
+                );
                 let observers = lease.protocol.observers.clone();
                 let (key, also, token) = (lease.full_key.clone(), lease.also.clone(), lease.token.clone());
                 let complete: BoxFuture<Result<bool, StoreError>> = Box::pin(async move {

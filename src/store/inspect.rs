@@ -33,8 +33,8 @@ use futures_util::future::join_all;
 use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
 use redis::{RedisError, RedisResult};
 
-use super::{Record, RecordState, StoreError};
 use super::redis::RedisStore;
+use super::{Record, RecordState, StoreError};
 
 /// How many keys `list` asks Redis for per `SCAN` call (`COUNT`, a hint Redis may exceed).
 const SCAN_COUNT: usize = 500;

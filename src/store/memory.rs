@@ -44,6 +44,7 @@ struct Entry {
     token: ClaimToken,
     expires: Instant,
     completed: Option<Option<Vec<u8>>>,
+    fence: Option<u64>,
 }
 
 impl Entry {
@@ -52,6 +53,7 @@ impl Entry {
             Some(outcome) => Record::completed(&self.token, outcome.clone()),
             None => Record::in_progress(&self.token, Some(self.expires.saturating_duration_since(now))),
         }
+        .with_fencing_token(self.fence)
     }
 }
 
@@ -78,6 +80,35 @@ impl MemoryStore {
         self.len() == 0
     }
 
+    fn claim_with(&self, key: &str, token: &ClaimToken, ttl: Duration, fenced: bool) -> (ClaimReply, Option<u64>) {
+        static FENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let now = Instant::now();
+        let mut claims = self.lock();
+        if let Some(entry) = claims.map.get(key)
+            && entry.expires > now
+        {
+            // Our own lease: a resend or a retry of the same job, not a duplicate of ourselves.
+            return if entry.completed.is_none() && entry.token == *token {
+                (ClaimReply::Acquired, entry.fence)
+            } else {
+                (ClaimReply::Held(entry.record(now)), None)
+            };
+        }
+        let entry = Entry {
+            token: token.clone(),
+            expires: expiry(now, ttl),
+            completed: None,
+            fence: fenced.then(|| FENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
+        };
+        let fence = entry.fence;
+        claims.map.insert(key.to_owned(), entry);
+        if claims.map.len() > 1024 && claims.map.len() >= 2 * claims.swept_len {
+            claims.map.retain(|_, e| e.expires > now);
+            claims.swept_len = claims.map.len();
+        }
+        (ClaimReply::Acquired, fence)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Claims> {
         // A panic while holding this lock cannot leave the map inconsistent (every update is a
         // single insert or remove), so a poisoned lock is safe to keep using.
@@ -101,29 +132,16 @@ impl IdempotencyStore for MemoryStore {
     }
 
     async fn claim_record(&self, key: &str, token: &ClaimToken, ttl: Duration) -> Result<ClaimReply, StoreError> {
-        let now = Instant::now();
-        let mut claims = self.lock();
-        if let Some(entry) = claims.map.get(key)
-            && entry.expires > now
-        {
-            // Our own lease: a resend or a retry of the same job, not a duplicate of ourselves.
-            return Ok(if entry.completed.is_none() && entry.token == *token {
-                ClaimReply::Acquired
-            } else {
-                ClaimReply::Held(entry.record(now))
-            });
-        }
-        let entry = Entry {
-            token: token.clone(),
-            expires: expiry(now, ttl),
-            completed: None,
-        };
-        claims.map.insert(key.to_owned(), entry);
-        if claims.map.len() > 1024 && claims.map.len() >= 2 * claims.swept_len {
-            claims.map.retain(|_, e| e.expires > now);
-            claims.swept_len = claims.map.len();
-        }
-        Ok(ClaimReply::Acquired)
+        Ok(self.claim_with(key, token, ttl, false).0)
+    }
+
+    async fn claim_fenced(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        ttl: Duration,
+    ) -> Result<(ClaimReply, Option<u64>), StoreError> {
+        Ok(self.claim_with(key, token, ttl, true))
     }
 
     async fn complete(
@@ -135,18 +153,14 @@ impl IdempotencyStore for MemoryStore {
     ) -> Result<bool, StoreError> {
         let now = Instant::now();
         let mut claims = self.lock();
-        let completed = Entry {
-            token: token.clone(),
-            expires: expiry(now, retention),
-            completed: Some(outcome.map(<[u8]>::to_vec)),
-        };
         match claims.map.get_mut(key) {
             Some(entry) if entry.expires > now => {
                 if entry.token != *token {
                     return Ok(false);
                 }
                 if entry.completed.is_none() {
-                    *entry = completed;
+                    entry.expires = expiry(now, retention);
+                    entry.completed = Some(outcome.map(<[u8]>::to_vec));
                 }
                 Ok(true)
             }
@@ -163,6 +177,7 @@ impl IdempotencyStore for MemoryStore {
                     token: token.clone(),
                     expires: expiry(now, ttl),
                     completed: None,
+                    fence: None,
                 };
                 Ok(true)
             }

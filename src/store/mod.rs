@@ -17,7 +17,7 @@ mod record;
 mod redis;
 
 pub use self::record::{ClaimReply, Record, RecordState};
-pub(crate) use self::record::{LUA_TOKEN, encode_completed, encode_in_progress};
+pub(crate) use self::record::{LUA_TOKEN, encode_completed_header, encode_in_progress};
 
 #[cfg(feature = "redis")]
 pub use self::redis::{DEFAULT_TIMEOUT, RedisStore, RedisStoreBuilder, redact_password};
@@ -317,9 +317,28 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         async move {
             Ok(match self.claim(key, token, ttl).await? {
                 ClaimOutcome::Acquired => ClaimReply::Acquired,
-                ClaimOutcome::AlreadyClaimed => ClaimReply::Held(Record::in_progress(&ClaimToken::from_string(""), None)),
+                ClaimOutcome::AlreadyClaimed => {
+                    ClaimReply::Held(Record::in_progress(&ClaimToken::from_string(""), None))
+                }
             })
         }
+    }
+
+    /// [`claim_record`](Self::claim_record) that also hands out a **fencing token** when it
+    /// claims: a number greater than every earlier holder's of `key`, kept in the record, so
+    /// downstream writes can reject a stale holder. A held key answers as `claim_record` does
+    /// (the holder's token is in its [`Record`]).
+    ///
+    /// The default claims without one (`None`). [`RedisStore`] takes the server's clock in
+    /// microseconds (`TIME`, in a script: the claim costs a script instead of one `SET`);
+    /// [`MemoryStore`] a process-wide counter.
+    fn claim_fenced(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(ClaimReply, Option<u64>), StoreError>> + Send {
+        async move { Ok((self.claim_record(key, token, ttl).await?, None)) }
     }
 
     /// Marks the record on `key` **completed** if, and only if, it is `token`'s, storing
@@ -407,6 +426,15 @@ impl<T: IdempotencyStore> IdempotencyStore for Arc<T> {
         (**self).complete(key, token, outcome, retention)
     }
 
+    fn claim_fenced(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(ClaimReply, Option<u64>), StoreError>> + Send {
+        (**self).claim_fenced(key, token, ttl)
+    }
+
     fn take_over(
         &self,
         key: &str,
@@ -427,7 +455,8 @@ pub(crate) trait ErasedStore: Send + Sync + 'static {
         key: Arc<str>,
         token: ClaimToken,
         ttl: Duration,
-    ) -> BoxFuture<Result<ClaimReply, StoreError>>;
+        fenced: bool,
+    ) -> BoxFuture<Result<(ClaimReply, Option<u64>), StoreError>>;
     fn complete(
         self: Arc<Self>,
         key: Arc<str>,
@@ -452,8 +481,13 @@ impl<T: IdempotencyStore> ErasedStore for T {
         key: Arc<str>,
         token: ClaimToken,
         ttl: Duration,
-    ) -> BoxFuture<Result<ClaimReply, StoreError>> {
-        Box::pin(async move { IdempotencyStore::claim_record(&*self, &key, &token, ttl).await })
+        fenced: bool,
+    ) -> BoxFuture<Result<(ClaimReply, Option<u64>), StoreError>> {
+        if fenced {
+            Box::pin(async move { IdempotencyStore::claim_fenced(&*self, &key, &token, ttl).await })
+        } else {
+            Box::pin(async move { Ok((IdempotencyStore::claim_record(&*self, &key, &token, ttl).await?, None)) })
+        }
     }
     fn complete(
         self: Arc<Self>,

@@ -9,9 +9,9 @@
 //!
 //! | State | Value | Expiry (`PX`) |
 //! |---|---|---|
-//! | in progress | `<token>␟e<lease expiry, Unix ms>` | the lease (the layer's TTL), renewed |
-//! | completed | `␞<token>␟c<completion time, Unix ms>` | the retention |
-//! | completed, outcome stored | `␞<token>␟c<completion time, Unix ms>␞<outcome bytes>` | the retention |
+//! | in progress | `<token>␟e<lease expiry, Unix ms>[␟n<fencing token>]` | the lease (the layer's TTL), renewed |
+//! | completed | `␞<token>␟c<completion time, Unix ms>[␟n<fencing token>]` | the retention |
+//! | completed, outcome stored | `␞<token>␟c<completion time, Unix ms>[␟n<fencing token>]␞<outcome bytes>` | the retention |
 //!
 //! `<token>` is the owner's [`ClaimToken`]: its owner id, then `␟f<fingerprint>` when the request
 //! carried one. A value with neither form (a bare token, as written by versions before records)
@@ -44,6 +44,7 @@ pub(crate) const RECORD: u8 = 0x1e;
 pub struct Record {
     token: String,
     state: RecordState,
+    fencing_token: Option<u64>,
 }
 
 /// The state of a record.
@@ -91,6 +92,7 @@ impl Record {
         Self {
             token: token.as_str().to_owned(),
             state: RecordState::InProgress { lease_left },
+            fencing_token: None,
         }
     }
 
@@ -99,40 +101,47 @@ impl Record {
         Self {
             token: token.as_str().to_owned(),
             state: RecordState::Completed { outcome },
+            fencing_token: None,
         }
+    }
+
+    /// This record with `fencing_token`.
+    pub fn with_fencing_token(mut self, fencing_token: Option<u64>) -> Self {
+        self.fencing_token = fencing_token;
+        self
+    }
+
+    /// The fencing token of the holder that made this record, when fencing was on.
+    pub fn fencing_token(&self) -> Option<u64> {
+        self.fencing_token
     }
 
     /// Reads a stored value (see the module docs for the format). Never fails: a value in no
     /// known form is a bare token in progress.
     pub fn parse(value: &[u8]) -> Self {
         let now = unix_millis(SystemTime::now());
-        if let Some((&RECORD, rest)) = value.split_first() {
-            let (header, outcome) = match rest.iter().position(|&b| b == RECORD) {
-                Some(i) => (&rest[..i], Some(rest[i + 1..].to_vec())),
-                None => (rest, None),
-            };
-            let header = String::from_utf8_lossy(header);
-            let token = match split_field(&header, 'c') {
-                Some((token, _)) => token.to_owned(),
-                None => header.into_owned(),
-            };
-            return Self {
-                token,
-                state: RecordState::Completed { outcome },
-            };
-        }
-        let text = String::from_utf8_lossy(value);
-        match split_field(&text, 'e') {
-            Some((token, expires)) => Self {
-                token: token.to_owned(),
-                state: RecordState::InProgress {
-                    lease_left: Some(Duration::from_millis(expires.saturating_sub(now))),
-                },
+        let (completed, header, outcome) = match value.split_first() {
+            Some((&RECORD, rest)) => match rest.iter().position(|&b| b == RECORD) {
+                Some(i) => (true, &rest[..i], Some(rest[i + 1..].to_vec())),
+                None => (true, rest, None),
             },
-            None => Self {
-                token: text.into_owned(),
-                state: RecordState::InProgress { lease_left: None },
-            },
+            _ => (false, value, None),
+        };
+        let header = String::from_utf8_lossy(header);
+        let fields = Fields::split(&header);
+        let state = if completed {
+            RecordState::Completed { outcome }
+        } else {
+            RecordState::InProgress {
+                lease_left: fields
+                    .expires
+                    .map(|expires| Duration::from_millis(expires.saturating_sub(now))),
+            }
+        };
+        Self {
+            token: fields.token.to_owned(),
+            state,
+            fencing_token: fields.fence,
         }
     }
 
@@ -167,11 +176,40 @@ impl Record {
     }
 }
 
-/// `<token>␟<tag><digits>` → (`<token>`, number).
-fn split_field(text: &str, tag: char) -> Option<(&str, u64)> {
-    let (token, field) = text.rsplit_once(UNIT)?;
-    let digits = field.strip_prefix(tag)?;
-    Some((token, digits.parse().ok()?))
+/// A record's header: the token (owner id and fingerprint fields), then numeric fields.
+struct Fields<'a> {
+    token: &'a str,
+    expires: Option<u64>,
+    fence: Option<u64>,
+}
+
+impl<'a> Fields<'a> {
+    /// The token ends at the first `␟<e|c|n><digits>` field.
+    fn split(header: &'a str) -> Self {
+        let mut fields = Fields {
+            token: header,
+            expires: None,
+            fence: None,
+        };
+        let mut offset = 0;
+        for (i, part) in header.split(UNIT).enumerate() {
+            let numeric = |tag: char| {
+                part.strip_prefix(tag)
+                    .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|d| d.parse::<u64>().ok())
+            };
+            let meta = i > 0 && (numeric('e').is_some() || numeric('c').is_some() || numeric('n').is_some());
+            if meta {
+                if fields.token.len() == header.len() && offset > 0 {
+                    fields.token = &header[..offset - 1];
+                }
+                fields.expires = fields.expires.or(numeric('e'));
+                fields.fence = fields.fence.or(numeric('n'));
+            }
+            offset += part.len() + 1;
+        }
+        fields
+    }
 }
 
 /// The `f` field of a token.
@@ -181,25 +219,41 @@ pub(crate) fn fingerprint_of(token: &str) -> Option<&str> {
 
 /// The value of a claim in progress: `<token>␟e<expiry>`.
 pub(crate) fn encode_in_progress(token: &ClaimToken, lease: Duration) -> String {
+    encode_in_progress_fenced(token, lease, None)
+}
+
+/// The value of a claim in progress: `<token>␟e<expiry>[␟n<fence>]`.
+pub(crate) fn encode_in_progress_fenced(token: &ClaimToken, lease: Duration, fence: Option<u64>) -> String {
     let expires = unix_millis(SystemTime::now()).saturating_add(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX));
     let mut value = String::with_capacity(token.as_str().len() + 16);
     value.push_str(token.as_str());
     value.push(UNIT);
     value.push('e');
     push_u64(&mut value, expires);
+    if let Some(fence) = fence {
+        value.push(UNIT);
+        value.push('n');
+        push_u64(&mut value, fence);
+    }
+    value
+}
+
+/// The header of a completed record: `␞<token>␟c<now>`; the store appends the fencing token
+/// field it keeps and `␞<outcome>`.
+pub(crate) fn encode_completed_header(token: &ClaimToken) -> String {
+    let mut value = String::with_capacity(token.as_str().len() + 18);
+    value.push(char::from(RECORD));
+    value.push_str(token.as_str());
+    value.push(UNIT);
+    value.push('c');
+    push_u64(&mut value, unix_millis(SystemTime::now()));
     value
 }
 
 /// The value of a completed record: `␞<token>␟c<now>[␞<outcome>]`.
+#[cfg(test)]
 pub(crate) fn encode_completed(token: &ClaimToken, outcome: Option<&[u8]>) -> Vec<u8> {
-    let mut value = Vec::with_capacity(token.as_str().len() + 18 + outcome.map_or(0, <[u8]>::len));
-    value.push(RECORD);
-    value.extend_from_slice(token.as_str().as_bytes());
-    let mut field = String::with_capacity(16);
-    field.push(UNIT);
-    field.push('c');
-    push_u64(&mut field, unix_millis(SystemTime::now()));
-    value.extend_from_slice(field.as_bytes());
+    let mut value = encode_completed_header(token).into_bytes();
     if let Some(outcome) = outcome {
         value.push(RECORD);
         value.extend_from_slice(outcome);
@@ -227,11 +281,13 @@ pub(crate) fn unix_millis(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-/// Lua: `tok(v)`, the owner token of a stored value in any of the forms above. Prepended to
-/// every owner-checked script.
-pub(crate) const LUA_TOKEN: &str = "local function tok(v) \
-if string.byte(v, 1) == 30 then local e = string.find(v, '\\30', 2, true) v = string.sub(v, 2, (e or (#v + 1)) - 1) end \
-return string.match(v, '^(.*)\\31[ec]%d+$') or v end ";
+/// Lua: `tok(v)`, the owner token of a stored value in any of the forms above, and `fence(v)`,
+/// its `␟n<fencing token>` field (or the empty string). Prepended to every owner-checked script.
+pub(crate) const LUA_TOKEN: &str = "local function hdr(v) \
+if string.byte(v, 1) == 30 then local e = string.find(v, '\\30', 2, true) return string.sub(v, 2, (e or (#v + 1)) - 1) end \
+return v end \
+local function tok(v) local h = hdr(v) return string.match(h, '^(.-)\\31[ecn]%d+') or h end \
+local function fence(v) return string.match(hdr(v), '\\31n%d+') or '' end ";
 
 #[cfg(test)]
 mod tests {
@@ -239,7 +295,9 @@ mod tests {
 
     #[test]
     fn in_progress_round_trips_with_its_lease() {
-        let token = ClaimToken::from_string("abc-1").with_fingerprint("f00d").expect("valid");
+        let token = ClaimToken::from_string("abc-1")
+            .with_fingerprint("f00d")
+            .expect("valid");
         let record = Record::parse(encode_in_progress(&token, Duration::from_secs(30)).as_bytes());
         assert_eq!(record.token(), token.as_str());
         assert_eq!(record.owner(), "abc-1");
@@ -247,7 +305,10 @@ mod tests {
         let RecordState::InProgress { lease_left: Some(left) } = record.state() else {
             panic!("{record:?}")
         };
-        assert!(*left > Duration::from_secs(25) && *left <= Duration::from_secs(30), "{left:?}");
+        assert!(
+            *left > Duration::from_secs(25) && *left <= Duration::from_secs(30),
+            "{left:?}"
+        );
         assert!(record.is_owned_by(&token));
     }
 
@@ -256,11 +317,38 @@ mod tests {
         let token = ClaimToken::from_owner("1-0");
         let with = Record::parse(&encode_completed(&token, Some(b"a\x1eb\x1fc")));
         assert_eq!(with.token(), "owner:1-0");
-        assert_eq!(with.state(), &RecordState::Completed { outcome: Some(b"a\x1eb\x1fc".to_vec()) });
+        assert_eq!(
+            with.state(),
+            &RecordState::Completed {
+                outcome: Some(b"a\x1eb\x1fc".to_vec())
+            }
+        );
         let without = Record::parse(&encode_completed(&token, None));
         assert_eq!(without.state(), &RecordState::Completed { outcome: None });
         let empty = Record::parse(&encode_completed(&token, Some(b"")));
-        assert_eq!(empty.state(), &RecordState::Completed { outcome: Some(Vec::new()) });
+        assert_eq!(
+            empty.state(),
+            &RecordState::Completed {
+                outcome: Some(Vec::new())
+            }
+        );
+    }
+
+    #[test]
+    fn the_fencing_token_field_is_not_part_of_the_token() {
+        let token = ClaimToken::from_string("abc-1").with_fingerprint("e12").expect("valid");
+        let record = Record::parse(encode_in_progress_fenced(&token, Duration::from_secs(5), Some(42)).as_bytes());
+        assert_eq!(record.token(), token.as_str());
+        assert_eq!(record.fingerprint(), Some("e12"));
+        assert_eq!(record.fencing_token(), Some(42));
+        let completed = Record::parse(b"\x1eabc-1\x1fc1700000000000\x1fn43\x1eout");
+        assert_eq!((completed.token(), completed.fencing_token()), ("abc-1", Some(43)));
+        assert_eq!(
+            completed.state(),
+            &RecordState::Completed {
+                outcome: Some(b"out".to_vec())
+            }
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Value};
 
 use super::{
-    ClaimOutcome, ClaimReply, ClaimToken, IdempotencyStore, LUA_TOKEN, Record, StoreError, encode_completed,
+    ClaimOutcome, ClaimReply, ClaimToken, IdempotencyStore, LUA_TOKEN, Record, StoreError, encode_completed_header,
     encode_in_progress,
 };
 
@@ -22,15 +22,28 @@ static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
     ))
 });
 
-/// Marks our record completed (`ARGV[2]`, kept `ARGV[3]` ms). A free key (the lease ran out)
+/// Marks our record completed: `ARGV[2]` (the completed header) with the record's fencing token
+/// and, when given, `␞ARGV[4]` (the outcome), kept `ARGV[3]` ms. A free key (the lease ran out)
 /// or someone else's record is left alone (`0`); our own completed record stays as it is.
 static COMPLETE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(&format!(
         "{LUA_TOKEN}local v = redis.call('GET', KEYS[1]) \
          if not v or tok(v) ~= ARGV[1] then return 0 end \
          if string.byte(v, 1) == 30 then return 1 end \
-         redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1"
+         local value = ARGV[2] .. fence(v) \
+         if ARGV[4] then value = value .. '\\30' .. ARGV[4] end \
+         redis.call('SET', KEYS[1], value, 'PX', ARGV[3]) return 1"
     ))
+});
+
+/// Claims with a fencing token from the server's clock (microseconds of `TIME`), kept in the
+/// record: `{1, fence}` when claimed, `{0, value}` with the record that is there otherwise.
+static CLAIM_FENCED: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        "local v = redis.call('GET', KEYS[1]) if v then return {0, v} end \
+         local t = redis.call('TIME') local f = tonumber(t[1]) * 1000000 + tonumber(t[2]) \
+         redis.call('SET', KEYS[1], ARGV[1] .. '\\31n' .. string.format('%d', f), 'PX', ARGV[2]) return {1, f}",
+    )
 });
 
 /// The claim for servers older than Redis 7.0, which refuse `SET … NX GET`: the same answer
@@ -53,7 +66,7 @@ static TAKE_OVER_COMPAT: LazyLock<redis::Script> = LazyLock::new(|| {
 static RENEW: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(&format!(
         "{LUA_TOKEN}local v = redis.call('GET', KEYS[1]) \
-         if v and string.byte(v, 1) ~= 30 and tok(v) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1 end return 0"
+         if v and string.byte(v, 1) ~= 30 and tok(v) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2] .. fence(v), 'PX', ARGV[3]) return 1 end return 0"
     ))
 });
 
@@ -362,6 +375,45 @@ where
         }
     }
 
+    async fn claim_fenced(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        ttl: Duration,
+    ) -> Result<(ClaimReply, Option<u64>), StoreError> {
+        let mut conn = self.conn.clone();
+        let reply: Value = self
+            .bounded(
+                "claim",
+                CLAIM_FENCED
+                    .key(key)
+                    .arg(encode_in_progress(token, ttl))
+                    .arg(ttl_millis(ttl))
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+        let unexpected = |reply: &Value| StoreError::UnexpectedReply {
+            operation: "claim",
+            reply: format!("{reply:?}"),
+        };
+        let Value::Array(items) = &reply else {
+            return Err(unexpected(&reply));
+        };
+        match items.as_slice() {
+            [Value::Int(1), Value::Int(fence)] => Ok((ClaimReply::Acquired, u64::try_from(*fence).ok())),
+            [Value::Int(0), Value::BulkString(held)] => {
+                let record = Record::parse(held);
+                if record.state().is_in_progress() && record.is_owned_by(token) {
+                    let fence = record.fencing_token();
+                    Ok((ClaimReply::Acquired, fence))
+                } else {
+                    Ok((ClaimReply::Held(record), None))
+                }
+            }
+            _ => Err(unexpected(&reply)),
+        }
+    }
+
     async fn complete(
         &self,
         key: &str,
@@ -370,17 +422,15 @@ where
         retention: Duration,
     ) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
-        let recorded: i64 = self
-            .bounded(
-                "complete",
-                COMPLETE
-                    .key(key)
-                    .arg(token.as_str())
-                    .arg(encode_completed(token, outcome))
-                    .arg(ttl_millis(retention))
-                    .invoke_async(&mut conn),
-            )
-            .await?;
+        let mut invocation = COMPLETE.key(key);
+        invocation
+            .arg(token.as_str())
+            .arg(encode_completed_header(token))
+            .arg(ttl_millis(retention));
+        if let Some(outcome) = outcome {
+            invocation.arg(outcome);
+        }
+        let recorded: i64 = self.bounded("complete", invocation.invoke_async(&mut conn)).await?;
         Ok(recorded != 0)
     }
 

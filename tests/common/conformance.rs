@@ -158,7 +158,10 @@ pub mod cases {
     /// stored outcome once the owner completes it.
     pub async fn duplicate_sees_in_progress_then_completed_with_outcome<S: IdempotencyStore>(h: Harness<S>) {
         let (owner, other) = (ClaimToken::generate(), ClaimToken::generate());
-        assert_eq!(h.store.claim_record("k", &owner, TTL).await.unwrap(), ClaimReply::Acquired);
+        assert_eq!(
+            h.store.claim_record("k", &owner, TTL).await.unwrap(),
+            ClaimReply::Acquired
+        );
         let ClaimReply::Held(record) = h.store.claim_record("k", &other, TTL).await.unwrap() else {
             panic!("a second claim must be held")
         };
@@ -168,13 +171,21 @@ pub mod cases {
             state => panic!("expected in progress with a lease, got {state:?}"),
         }
         assert!(
-            h.store.complete("k", &owner, Some(b"{\"id\":1}"), RETENTION).await.unwrap(),
+            h.store
+                .complete("k", &owner, Some(b"{\"id\":1}"), RETENTION)
+                .await
+                .unwrap(),
             "the owner completes its record"
         );
         let ClaimReply::Held(record) = h.store.claim_record("k", &other, TTL).await.unwrap() else {
             panic!("a completed record is held")
         };
-        assert_eq!(record.state(), &RecordState::Completed { outcome: Some(b"{\"id\":1}".to_vec()) });
+        assert_eq!(
+            record.state(),
+            &RecordState::Completed {
+                outcome: Some(b"{\"id\":1}".to_vec())
+            }
+        );
         // The retention, not the lease, bounds it: still there after the lease would have ended.
         tokio::time::sleep(TTL + Duration::from_millis(100)).await;
         assert!(
@@ -187,11 +198,20 @@ pub mod cases {
     /// back into a lease, and a retry of the owner itself is told it completed.
     pub async fn record_transitions_are_owner_checked<S: IdempotencyStore>(h: Harness<S>) {
         let (owner, other) = (ClaimToken::from_owner("m-1"), ClaimToken::generate());
-        assert_eq!(h.store.claim_record("k", &owner, TTL).await.unwrap(), ClaimReply::Acquired);
-        assert!(!h.store.complete("k", &other, None, RETENTION).await.unwrap(), "not the owner");
+        assert_eq!(
+            h.store.claim_record("k", &owner, TTL).await.unwrap(),
+            ClaimReply::Acquired
+        );
+        assert!(
+            !h.store.complete("k", &other, None, RETENTION).await.unwrap(),
+            "not the owner"
+        );
         assert!(!h.store.release("k", &other).await.unwrap());
         assert!(h.store.complete("k", &owner, None, RETENTION).await.unwrap());
-        assert!(!h.store.renew("k", &owner, TTL).await.unwrap(), "a completed record is not renewed");
+        assert!(
+            !h.store.renew("k", &owner, TTL).await.unwrap(),
+            "a completed record is not renewed"
+        );
         let ClaimReply::Held(record) = h.store.claim_record("k", &owner, TTL).await.unwrap() else {
             panic!("the owner's own retry after completion is a duplicate, not a second run")
         };
@@ -205,12 +225,18 @@ pub mod cases {
     /// A fingerprint rides with the record, so a duplicate can compare payloads.
     pub async fn record_keeps_the_request_fingerprint<S: IdempotencyStore>(h: Harness<S>) {
         let owner = ClaimToken::generate().with_fingerprint("9f86d081").unwrap();
-        assert_eq!(h.store.claim_record("k", &owner, TTL).await.unwrap(), ClaimReply::Acquired);
+        assert_eq!(
+            h.store.claim_record("k", &owner, TTL).await.unwrap(),
+            ClaimReply::Acquired
+        );
         let ClaimReply::Held(record) = h.store.claim_record("k", &ClaimToken::generate(), TTL).await.unwrap() else {
             panic!("held")
         };
         assert_eq!(record.fingerprint(), Some("9f86d081"));
-        assert!(h.store.renew("k", &owner, TTL).await.unwrap(), "renewal keeps the token with its fingerprint");
+        assert!(
+            h.store.renew("k", &owner, TTL).await.unwrap(),
+            "renewal keeps the token with its fingerprint"
+        );
         assert!(h.store.complete("k", &owner, None, RETENTION).await.unwrap());
         let ClaimReply::Held(record) = h.store.claim_record("k", &ClaimToken::generate(), TTL).await.unwrap() else {
             panic!("held")
@@ -222,13 +248,21 @@ pub mod cases {
     /// it as it is.
     pub async fn complete_after_the_lease_ran_out_changes_nothing<S: IdempotencyStore>(h: Harness<S>) {
         let (a, b) = (ClaimToken::generate(), ClaimToken::generate());
-        assert_eq!(h.store.claim_record("k", &a, Duration::from_millis(100)).await.unwrap(), ClaimReply::Acquired);
+        assert_eq!(
+            h.store.claim_record("k", &a, Duration::from_millis(100)).await.unwrap(),
+            ClaimReply::Acquired
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!h.store.complete("k", &a, None, RETENTION).await.unwrap());
         assert!(!(h.exists)("k".into()).await, "a free key stays free");
         assert_eq!(h.store.claim_record("k", &b, TTL).await.unwrap(), ClaimReply::Acquired);
-        assert!(!h.store.complete("k", &a, None, RETENTION).await.unwrap(), "b's claim is left alone");
-        assert!(matches!(h.store.claim_record("k", &a, TTL).await.unwrap(), ClaimReply::Held(r) if r.state().is_in_progress() && r.owner() == b.as_str()));
+        assert!(
+            !h.store.complete("k", &a, None, RETENTION).await.unwrap(),
+            "b's claim is left alone"
+        );
+        assert!(
+            matches!(h.store.claim_record("k", &a, TTL).await.unwrap(), ClaimReply::Held(r) if r.state().is_in_progress() && r.owner() == b.as_str())
+        );
     }
 
     /// An override takes a completed record over too: a person asks for a fresh run.
@@ -237,8 +271,44 @@ pub mod cases {
         assert_eq!(h.store.claim_record("k", &a, TTL).await.unwrap(), ClaimReply::Acquired);
         assert!(h.store.complete("k", &a, None, RETENTION).await.unwrap());
         assert!(h.store.take_over("k", &person, TTL).await.unwrap());
-        assert!(matches!(h.store.claim_record("k", &a, TTL).await.unwrap(), ClaimReply::Held(r) if r.state().is_in_progress() && r.owner() == person.as_str()));
+        assert!(
+            matches!(h.store.claim_record("k", &a, TTL).await.unwrap(), ClaimReply::Held(r) if r.state().is_in_progress() && r.owner() == person.as_str())
+        );
         assert!(h.store.release("k", &person).await.unwrap());
+    }
+
+    /// Fencing tokens increase with every acquisition of a key and ride with its record
+    /// through renewal and completion.
+    pub async fn fencing_tokens_increase_across_holders<S: IdempotencyStore>(h: Harness<S>) {
+        let (a, b) = (ClaimToken::generate(), ClaimToken::generate());
+        let (reply, first) = h.store.claim_fenced("k", &a, TTL).await.unwrap();
+        assert_eq!(reply, ClaimReply::Acquired);
+        let first = first.expect("a fencing token");
+        let (reply, none) = h.store.claim_fenced("k", &b, TTL).await.unwrap();
+        assert!(
+            matches!(&reply, ClaimReply::Held(r) if r.fencing_token() == Some(first)),
+            "{reply:?}"
+        );
+        assert_eq!(none, None);
+        assert!(h.store.renew("k", &a, TTL).await.unwrap());
+        assert!(
+            h.store
+                .complete("k", &a, None, Duration::from_millis(50))
+                .await
+                .unwrap()
+        );
+        let ClaimReply::Held(record) = h.store.claim_record("k", &b, TTL).await.unwrap() else {
+            panic!("completed record")
+        };
+        assert_eq!(
+            record.fencing_token(),
+            Some(first),
+            "kept through renewal and completion"
+        );
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        let (reply, second) = h.store.claim_fenced("k", &b, TTL).await.unwrap();
+        assert_eq!(reply, ClaimReply::Acquired);
+        assert!(second.expect("a fencing token") > first, "{second:?} > {first}");
     }
 
     pub async fn namespace_is_applied<S: IdempotencyStore>(h: Harness<S>) {
@@ -310,6 +380,10 @@ macro_rules! conformance {
             #[tokio::test]
             async fn take_over_replaces_a_completed_record() {
                 cases::take_over_replaces_a_completed_record($harness).await
+            }
+            #[tokio::test]
+            async fn fencing_tokens_increase_across_holders() {
+                cases::fencing_tokens_increase_across_holders($harness).await
             }
             #[tokio::test]
             async fn namespace_is_applied() {
