@@ -3,6 +3,8 @@
 //! Extraction is pluggable because only the application knows what identifies a job: a header,
 //! a field of a queue message, or a (project, pull request, head SHA) triple from a webhook body.
 
+use std::sync::Arc;
+
 use crate::IdempotencyKey;
 use crate::store::ClaimToken;
 
@@ -52,6 +54,86 @@ pub trait KeyExtractor<Req> {
     fn takeover(&mut self, req: &Req) -> Option<String> {
         let _ = req;
         None
+    }
+
+    /// With the run-once-more strategy: `req` encoded, to be recorded as the follow-up of a run
+    /// in progress, and how to decode a recorded follow-up. `None` (the default): a duplicate
+    /// is only a duplicate. See [`WithRunOnceMore`].
+    fn follow_up(&mut self, req: &Req) -> Option<FollowUp<Req>> {
+        let _ = req;
+        None
+    }
+}
+
+/// A request as a follow-up: its bytes, and the decoder for recorded ones. Made by
+/// [`WithRunOnceMore`].
+pub struct FollowUp<Req> {
+    pub(crate) payload: Option<Vec<u8>>,
+    pub(crate) decode: Arc<dyn Fn(&[u8]) -> Option<Req> + Send + Sync>,
+}
+
+impl<Req> std::fmt::Debug for FollowUp<Req> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FollowUp")
+            .field("payload_len", &self.payload.as_ref().map(Vec::len))
+            .finish_non_exhaustive()
+    }
+}
+
+/// An extractor with the run-once-more strategy, made by
+/// [`IdempotencyLayer::with_run_once_more`](crate::IdempotencyLayer::with_run_once_more):
+/// `encode` turns a request into the bytes recorded as a run's follow-up, `decode` turns
+/// recorded bytes back into a request (in whichever process runs it).
+#[derive(Clone)]
+pub struct WithRunOnceMore<X, E, Req> {
+    extractor: X,
+    encode: E,
+    decode: Arc<dyn Fn(&[u8]) -> Option<Req> + Send + Sync>,
+}
+
+impl<X: std::fmt::Debug, E, Req> std::fmt::Debug for WithRunOnceMore<X, E, Req> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WithRunOnceMore")
+            .field("extractor", &self.extractor)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<X, E, Req> WithRunOnceMore<X, E, Req> {
+    /// Keys from `extractor`; follow-ups encoded by `encode` and decoded by `decode`.
+    pub fn new(extractor: X, encode: E, decode: impl Fn(&[u8]) -> Option<Req> + Send + Sync + 'static) -> Self {
+        Self {
+            extractor,
+            encode,
+            decode: Arc::new(decode),
+        }
+    }
+}
+
+impl<Req, X, E> KeyExtractor<Req> for WithRunOnceMore<X, E, Req>
+where
+    X: KeyExtractor<Req>,
+    E: FnMut(&Req) -> Option<Vec<u8>>,
+{
+    type Error = X::Error;
+
+    fn extract(&mut self, req: &Req) -> Result<Option<IdempotencyKey>, X::Error> {
+        self.extractor.extract(req)
+    }
+
+    fn owner(&mut self, req: &Req) -> Option<ClaimToken> {
+        self.extractor.owner(req)
+    }
+
+    fn takeover(&mut self, req: &Req) -> Option<String> {
+        self.extractor.takeover(req)
+    }
+
+    fn follow_up(&mut self, req: &Req) -> Option<FollowUp<Req>> {
+        Some(FollowUp {
+            payload: (self.encode)(req),
+            decode: self.decode.clone(),
+        })
     }
 }
 
@@ -118,6 +200,10 @@ where
     fn takeover(&mut self, req: &Req) -> Option<String> {
         self.extractor.takeover(req)
     }
+
+    fn follow_up(&mut self, req: &Req) -> Option<FollowUp<Req>> {
+        self.extractor.follow_up(req)
+    }
 }
 
 /// An extractor that marks human overrides, made by
@@ -167,5 +253,9 @@ where
 
     fn takeover(&mut self, req: &Req) -> Option<String> {
         (self.takeover)(req)
+    }
+
+    fn follow_up(&mut self, req: &Req) -> Option<FollowUp<Req>> {
+        self.extractor.follow_up(req)
     }
 }

@@ -17,8 +17,11 @@ use crate::IdempotencyKey;
 use crate::classify::{ClassifyOutcome, Settle};
 use crate::error::IdempotencyError;
 use crate::extract::BoxError;
+use crate::extract::FollowUp;
+use crate::protocol::follow_up::{self, Recheck};
 use crate::protocol::{Claiming, Decision, Lease, Protocol, Running, Settling};
 use crate::store::ClaimToken;
+use crate::store::{BoxFuture, Record, StoreError};
 
 /// Response future of [`Idempotency`](crate::Idempotency).
 ///
@@ -48,6 +51,23 @@ where
     span: Span,
     /// What a duplicate of an original in progress needs to claim again after waiting.
     wait: Option<Box<Wait>>,
+    /// The run-once-more strategy, when on.
+    follow_up: Option<Box<FollowUps<S, Req>>>,
+}
+
+/// The run-once-more strategy of one call (see `protocol::follow_up`).
+struct FollowUps<S: Service<Req>, Req> {
+    protocol: Arc<Protocol>,
+    /// This request, encoded: recorded as the follow-up when its key is in progress.
+    payload: Option<Vec<u8>>,
+    decode: Arc<dyn Fn(&[u8]) -> Option<Req> + Send + Sync>,
+    /// The inner service, kept to run follow-ups.
+    inner: Option<S>,
+    /// The key, stored key and token of the run in progress, drained when it settles.
+    claim: Option<(IdempotencyKey, Arc<str>, ClaimToken)>,
+    /// The answer for this call: its own run's (or its recorded follow-up's); later runs are
+    /// only logged.
+    answer: Option<Result<S::Response, IdempotencyError<S::Error>>>,
 }
 
 /// A bounded wait for an original in progress: claim again every `every` until `until`.
@@ -72,6 +92,20 @@ where
         key: IdempotencyKey,
         parts: Option<(S, Req)>,
     },
+    /// A duplicate recording itself as the follow-up of the run in progress.
+    Recording {
+        recording: BoxFuture<Result<Recheck, StoreError>>,
+        key: IdempotencyKey,
+        record: Option<Record>,
+        parts: Option<(S, Req)>,
+    },
+    /// A run settled: taking its follow-up, if any.
+    Draining {
+        draining: BoxFuture<Result<Option<Vec<u8>>, StoreError>>,
+        key: IdempotencyKey,
+    },
+    /// A follow-up run waits for the inner service to be ready.
+    Readying { req: Option<Req>, running: Option<Running> },
     Calling {
         #[pin]
         fut: S::Future,
@@ -94,6 +128,9 @@ where
         let state = match &self.state {
             State::Claiming { .. } => "claiming",
             State::Waiting { .. } => "waiting",
+            State::Recording { .. } => "recording_follow_up",
+            State::Draining { .. } => "draining_follow_up",
+            State::Readying { .. } => "readying_follow_up",
             State::Calling { .. } => "calling",
             State::Settling { .. } => "settling",
             State::Done { .. } => "done",
@@ -141,7 +178,28 @@ where
             classifier,
             span,
             wait,
+            follow_up: None,
         }
+    }
+
+    /// Turns the run-once-more strategy on for this call.
+    pub(crate) fn with_follow_up(mut self, follow_up: Option<FollowUp<Req>>) -> Self {
+        let Some(FollowUp { payload, decode }) = follow_up else {
+            return self;
+        };
+        let protocol = match &self.state {
+            State::Claiming { claiming, .. } => claiming.protocol().clone(),
+            _ => return self,
+        };
+        self.follow_up = Some(Box::new(FollowUps {
+            protocol,
+            payload,
+            decode,
+            inner: None,
+            claim: None,
+            answer: None,
+        }));
+        self
     }
 
     /// Calls `inner` without a claim: the request has no key.
@@ -161,6 +219,7 @@ where
             classifier,
             span,
             wait: None,
+            follow_up: None,
         }
     }
 
@@ -174,6 +233,7 @@ where
             classifier,
             span,
             wait: None,
+            follow_up: None,
         }
     }
 
@@ -190,6 +250,7 @@ where
             classifier,
             span,
             wait: None,
+            follow_up: None,
         }
     }
 }
@@ -219,6 +280,21 @@ where
                         this.state.set(State::Waiting { sleep, key, parts });
                         continue;
                     }
+                    if let (Decision::Duplicate(record), Some(follow)) = (&decision, this.follow_up.as_mut())
+                        && record.state().is_in_progress()
+                        && let Some(payload) = follow.payload.take()
+                    {
+                        let full_key = follow.protocol.full_key(&key);
+                        let recording = follow_up::record(&follow.protocol, full_key, payload);
+                        let (record, parts) = (Some(record.clone()), parts.take());
+                        this.state.set(State::Recording {
+                            recording,
+                            key,
+                            record,
+                            parts,
+                        });
+                        continue;
+                    }
                     let Some((mut inner, req)) = parts.take() else {
                         polled_after_completion()
                     };
@@ -231,6 +307,10 @@ where
                                 Some(run) => run.handle().scope(|| inner.call(req)),
                                 None => inner.call(req),
                             };
+                            if let (Some(follow), Some(run)) = (this.follow_up.as_mut(), running.as_ref()) {
+                                follow.inner = Some(inner);
+                                follow.claim = Some(run.claim());
+                            }
                             State::Calling { fut, running }
                         }
                         Decision::Duplicate(record) => State::Done {
@@ -282,7 +362,13 @@ where
                         Settle::Release => None,
                     };
                     match run.settle(settle, outcome) {
-                        None => return Poll::Ready(result.map_err(IdempotencyError::Inner)),
+                        None => {
+                            let result = result.map_err(IdempotencyError::Inner);
+                            match after_run(this.follow_up, result) {
+                                Ok(next) => this.state.set(next),
+                                Err(result) => return Poll::Ready(result),
+                            }
+                        }
                         Some(settling) => this.state.set(State::Settling {
                             settling,
                             result: Some(result),
@@ -294,10 +380,99 @@ where
                     let Some(result) = result.take() else {
                         polled_after_completion()
                     };
-                    return Poll::Ready(match released {
+                    let result = match released {
                         Ok(()) => result.map_err(IdempotencyError::Inner),
                         Err((key, source)) => Err(IdempotencyError::ReleaseFailed { key, source }),
-                    });
+                    };
+                    match after_run(this.follow_up, result) {
+                        Ok(next) => this.state.set(next),
+                        Err(result) => return Poll::Ready(result),
+                    }
+                }
+                StateProj::Recording {
+                    recording,
+                    key,
+                    record,
+                    parts,
+                } => {
+                    let recheck = ready!(recording.as_mut().poll(cx));
+                    let (Some(follow), Some(record), Some((inner, _))) =
+                        (this.follow_up.as_mut(), record.take(), parts.take())
+                    else {
+                        polled_after_completion()
+                    };
+                    let key = key.clone();
+                    let next = match recheck {
+                        Ok(Recheck::Run { payload, token }) => {
+                            tracing::info!(key = %key, outcome = "follow_up", "the run settled meanwhile; running the latest follow-up here");
+                            follow.inner = Some(inner);
+                            follow_up_run(follow, key, token, &payload)
+                        }
+                        Ok(_) => {
+                            tracing::info!(key = %key, outcome = "follow_up_recorded", "in progress; recorded as its follow-up");
+                            State::Done {
+                                result: Some(Err(IdempotencyError::Duplicate { key, record })),
+                            }
+                        }
+                        Err(source) => {
+                            tracing::error!(key = %key, outcome = "store_unavailable", error = %Chain(&source), "recording the follow-up failed");
+                            State::Done {
+                                result: Some(Err(IdempotencyError::StoreUnavailable { key, source })),
+                            }
+                        }
+                    };
+                    this.state.set(next);
+                }
+                StateProj::Draining { draining, key } => {
+                    let drained = ready!(draining.as_mut().poll(cx));
+                    let Some(follow) = this.follow_up.as_mut() else {
+                        polled_after_completion()
+                    };
+                    let key = key.clone();
+                    match (drained, follow.claim.take()) {
+                        (Ok(Some(payload)), Some((_, _, token))) => {
+                            tracing::info!(key = %key, outcome = "follow_up", "running the follow-up recorded during the run");
+                            let next = follow_up_run(follow, key, token, &payload);
+                            this.state.set(next);
+                        }
+                        (drained, _) => {
+                            if let Err(error) = drained {
+                                tracing::error!(key = %key, error = %Chain(&error), "taking the follow-up failed; it stays recorded until its TTL");
+                            }
+                            let Some(answer) = follow.answer.take() else {
+                                polled_after_completion()
+                            };
+                            return Poll::Ready(answer);
+                        }
+                    }
+                }
+                StateProj::Readying { req, running } => {
+                    let Some(follow) = this.follow_up.as_mut() else {
+                        polled_after_completion()
+                    };
+                    let Some(inner) = follow.inner.as_mut() else {
+                        polled_after_completion()
+                    };
+                    match ready!(inner.poll_ready(cx)) {
+                        Ok(()) => {
+                            let (Some(req), Some(run)) = (req.take(), running.take()) else {
+                                polled_after_completion()
+                            };
+                            follow.claim = Some(run.claim());
+                            let fut = run.handle().scope(|| inner.call(req));
+                            this.state.set(State::Calling {
+                                fut,
+                                running: Some(run),
+                            });
+                        }
+                        Err(error) => {
+                            let result = Err(IdempotencyError::Inner(error));
+                            let key = running.as_ref().map(|r| r.key().clone());
+                            tracing::error!(key = ?key.as_ref().map(|k| k.as_str()), "the inner service failed before the follow-up run; its claim stays until its TTL");
+                            let answer = follow.answer.take().unwrap_or(result);
+                            return Poll::Ready(answer);
+                        }
+                    }
                 }
                 StateProj::Done { result } => {
                     let Some(result) = result.take() else {
@@ -306,6 +481,67 @@ where
                     return Poll::Ready(result);
                 }
             }
+        }
+    }
+}
+
+/// A run settled: with the run-once-more strategy, keep its answer (the first for this call)
+/// and take its follow-up; without, answer.
+#[allow(clippy::type_complexity)]
+fn after_run<S: Service<Req>, Req>(
+    follow_up: &mut Option<Box<FollowUps<S, Req>>>,
+    result: Result<S::Response, IdempotencyError<S::Error>>,
+) -> Result<State<S, Req>, Result<S::Response, IdempotencyError<S::Error>>> {
+    let Some(follow) = follow_up.as_mut() else {
+        return Err(result);
+    };
+    let Some((key, full_key, token)) = follow.claim.clone() else {
+        return Err(follow.answer.take().unwrap_or(result));
+    };
+    match &follow.answer {
+        None => follow.answer = Some(result),
+        Some(_) => {
+            tracing::info!(key = %key, outcome = "follow_up_done", ok = result.is_ok(), "follow-up run finished")
+        }
+    }
+    Ok(State::Draining {
+        draining: follow_up::drain(&follow.protocol, full_key, token),
+        key,
+    })
+}
+
+/// Starts a follow-up run of `payload` under the claim `token` holds on `key`.
+fn follow_up_run<S: Service<Req>, Req>(
+    follow: &mut FollowUps<S, Req>,
+    key: IdempotencyKey,
+    token: ClaimToken,
+    payload: &[u8],
+) -> State<S, Req> {
+    let full_key = follow.protocol.full_key(&key);
+    let lease = Lease::new(
+        follow.protocol.clone(),
+        key.clone(),
+        full_key,
+        None,
+        token,
+        true,
+        std::time::Instant::now(),
+        None,
+    );
+    match (follow.decode)(payload) {
+        Some(req) => State::Readying {
+            req: Some(req),
+            running: Some(lease.run()),
+        },
+        None => {
+            tracing::error!(key = %key, outcome = "follow_up_undecodable", "a recorded follow-up could not be decoded; dropped, its claim stays until its TTL");
+            let answer = follow.answer.take().unwrap_or_else(|| {
+                Err(IdempotencyError::Duplicate {
+                    record: Record::in_progress(&ClaimToken::from_string(""), None),
+                    key,
+                })
+            });
+            State::Done { result: Some(answer) }
         }
     }
 }

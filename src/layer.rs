@@ -5,7 +5,7 @@ use std::fmt;
 use tower::Layer;
 
 use crate::classify::{DefaultClassifier, StoredOutcome};
-use crate::extract::{WithOverride, WithOwner};
+use crate::extract::{WithOverride, WithOwner, WithRunOnceMore};
 use crate::protocol::Protocol;
 use crate::service::Idempotency;
 use crate::settings::{ConfigError, Settings, settings_builders};
@@ -175,6 +175,44 @@ impl<X, C> IdempotencyLayer<X, C> {
         IdempotencyLayer {
             settings: self.settings,
             extractor: WithOwner::new(self.extractor, owner),
+            classifier: self.classifier,
+        }
+    }
+
+    /// The **run-once-more** strategy (BullMQ's `keepLastIfActive`): a trigger that arrives
+    /// while the original is **in progress** records itself as the key's follow-up (a newer
+    /// one replaces an older one) and is answered duplicate; when the run settles, the process
+    /// that ran it runs the follow-up once — with the latest trigger's request, decoded from
+    /// the store, whichever process recorded it — before its own call returns. Triggers during
+    /// the follow-up run make the next follow-up. `encode` returns the bytes of a request
+    /// (`None`: this request records nothing); `decode` turns them back. Needs a store with
+    /// follow-ups (both of this crate's; `GETDEL` needs Redis ≥ 6.2).
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use tower::{Layer, ServiceExt};
+    /// use tower_idempotency::{IdempotencyKey, IdempotencyLayer, KeyError, MemoryStore};
+    ///
+    /// #[derive(Clone)]
+    /// struct Trigger { pr: &'static str, payload: String }
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryStore::new(), |t: &Trigger| -> Result<_, KeyError> {
+    ///     IdempotencyKey::new(t.pr).map(Some)
+    /// })
+    /// .with_run_once_more(
+    ///     |t: &Trigger| Some(t.payload.clone().into_bytes()),
+    ///     |bytes: &[u8]| Some(Trigger { pr: "o/r:1", payload: String::from_utf8_lossy(bytes).into_owned() }),
+    /// );
+    /// # let _ = layer;
+    /// ```
+    pub fn with_run_once_more<Req, E>(
+        self,
+        encode: E,
+        decode: impl Fn(&[u8]) -> Option<Req> + Send + Sync + 'static,
+    ) -> IdempotencyLayer<WithRunOnceMore<X, E, Req>, C> {
+        IdempotencyLayer {
+            settings: self.settings,
+            extractor: WithRunOnceMore::new(self.extractor, encode, decode),
             classifier: self.classifier,
         }
     }

@@ -72,7 +72,7 @@ pub mod store;
 
 pub use classify::{ClassifyOutcome, DefaultClassifier, Settle, StoredOutcome};
 pub use error::IdempotencyError;
-pub use extract::{BoxError, KeyExtractor, WithOverride, WithOwner};
+pub use extract::{BoxError, FollowUp, KeyExtractor, WithOverride, WithOwner, WithRunOnceMore};
 pub use future::ResponseFuture;
 pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
 pub use layer::IdempotencyLayer;

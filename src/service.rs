@@ -117,7 +117,9 @@ where
             Ok(Some(key)) => {
                 let owner = self.extractor.owner(&req);
                 let takeover = self.extractor.takeover(&req);
+                let follow_up = self.extractor.follow_up(&req);
                 ResponseFuture::claim(inner, req, key, owner, takeover.as_deref(), &self.protocol, classifier)
+                    .with_follow_up(follow_up)
             }
             Ok(None) => ResponseFuture::pass_through(inner, req, classifier),
             Err(e) => ResponseFuture::rejected(e.into(), classifier),

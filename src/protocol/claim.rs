@@ -427,6 +427,11 @@ impl Claiming {
         &self.attempt.key
     }
 
+    /// The layer's protocol.
+    pub(crate) fn protocol(&self) -> &Arc<Protocol> {
+        &self.attempt.protocol
+    }
+
     /// Drives the claim (whoever polls drives it) and decides for this caller.
     pub(crate) fn poll_decision(&mut self, cx: &mut Context<'_>) -> Poll<Decision> {
         let attempt = &*self.attempt;

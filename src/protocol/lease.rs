@@ -44,7 +44,7 @@ pub(crate) struct Lease {
 }
 
 impl Lease {
-    pub(super) fn new(
+    pub(crate) fn new(
         protocol: Arc<Protocol>,
         key: IdempotencyKey,
         full_key: Arc<str>,
@@ -149,6 +149,15 @@ impl Running {
     /// What the job can see of its claim.
     pub(crate) fn handle(&self) -> &LeaseHandle {
         &self.handle
+    }
+
+    /// The key, stored key and token of the claim (for a follow-up run under it).
+    pub(crate) fn claim(&self) -> (IdempotencyKey, Arc<str>, ClaimToken) {
+        (
+            self.lease.key.clone(),
+            self.lease.full_key.clone(),
+            self.lease.token.clone(),
+        )
     }
 
     /// Drives renewal while the job runs. Ready when the claim was found lost and the

@@ -18,6 +18,7 @@
 
 mod background;
 mod claim;
+pub(crate) mod follow_up;
 mod lease;
 
 use std::sync::Arc;

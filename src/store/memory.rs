@@ -33,6 +33,8 @@ pub struct MemoryStore {
 #[derive(Debug, Default)]
 struct Claims {
     map: HashMap<String, Entry>,
+    /// Follow-ups recorded per key, with their expiry.
+    follow_ups: HashMap<String, (Vec<u8>, Instant)>,
     /// Size after the last sweep of expired entries; sweeping when the map doubles keeps the
     /// amortised cost per claim constant.
     swept_len: usize,
@@ -166,6 +168,43 @@ impl IdempotencyStore for MemoryStore {
             }
             _ => Ok(false),
         }
+    }
+
+    async fn record_follow_up(&self, key: &str, payload: &[u8], ttl: Duration) -> Result<(), StoreError> {
+        let expires = expiry(Instant::now(), ttl);
+        self.lock()
+            .follow_ups
+            .insert(key.to_owned(), (payload.to_vec(), expires));
+        Ok(())
+    }
+
+    async fn take_follow_up(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let now = Instant::now();
+        Ok(self
+            .lock()
+            .follow_ups
+            .remove(key)
+            .filter(|(_, expires)| *expires > now)
+            .map(|(payload, _)| payload))
+    }
+
+    async fn reopen(&self, key: &str, token: &ClaimToken, ttl: Duration) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        let mut claims = self.lock();
+        let ours_or_free = match claims.map.get(key) {
+            Some(entry) if entry.expires > now => entry.completed.is_some() && entry.token == *token,
+            _ => true,
+        };
+        if ours_or_free {
+            let entry = Entry {
+                token: token.clone(),
+                expires: expiry(now, ttl),
+                completed: None,
+                fence: None,
+            };
+            claims.map.insert(key.to_owned(), entry);
+        }
+        Ok(ours_or_free)
     }
 
     async fn take_over(&self, key: &str, token: &ClaimToken, ttl: Duration) -> Result<bool, StoreError> {

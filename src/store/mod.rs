@@ -341,6 +341,39 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         async move { Ok((self.claim_record(key, token, ttl).await?, None)) }
     }
 
+    /// Records `payload` as the **follow-up** of the run in progress on `key` (run once more
+    /// after it, with the latest trigger): kept for `ttl` beside the record, a newer payload
+    /// replacing an older one. One command (`SET <key>␟next`). The default refuses.
+    fn record_follow_up(
+        &self,
+        key: &str,
+        payload: &[u8],
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = (key, payload, ttl);
+        std::future::ready(Err(unsupported("record_follow_up")))
+    }
+
+    /// Takes the follow-up recorded for `key`, if any, atomically: of all the callers, one gets
+    /// it. One command (`GETDEL`). The default refuses.
+    fn take_follow_up(&self, key: &str) -> impl Future<Output = Result<Option<Vec<u8>>, StoreError>> + Send {
+        let _ = key;
+        std::future::ready(Err(unsupported("take_follow_up")))
+    }
+
+    /// Makes `key` in progress again under `token`, for a follow-up run: if it holds `token`'s
+    /// **completed** record, or nothing. Returns whether it did; someone else's record is left
+    /// alone. The default refuses.
+    fn reopen(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        let _ = (key, token, ttl);
+        std::future::ready(Err(unsupported("reopen")))
+    }
+
     /// Marks the record on `key` **completed** if, and only if, it is `token`'s, storing
     /// `outcome` with it, and keeps it for `retention` from now. Returns whether it was
     /// recorded. A key that is free (the lease ran out while the job ran) or that someone else
@@ -435,6 +468,28 @@ impl<T: IdempotencyStore> IdempotencyStore for Arc<T> {
         (**self).claim_fenced(key, token, ttl)
     }
 
+    fn record_follow_up(
+        &self,
+        key: &str,
+        payload: &[u8],
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).record_follow_up(key, payload, ttl)
+    }
+
+    fn take_follow_up(&self, key: &str) -> impl Future<Output = Result<Option<Vec<u8>>, StoreError>> + Send {
+        (**self).take_follow_up(key)
+    }
+
+    fn reopen(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        (**self).reopen(key, token, ttl)
+    }
+
     fn take_over(
         &self,
         key: &str,
@@ -443,6 +498,18 @@ impl<T: IdempotencyStore> IdempotencyStore for Arc<T> {
     ) -> impl Future<Output = Result<bool, StoreError>> + Send {
         (**self).take_over(key, token, ttl)
     }
+}
+
+fn unsupported(operation: &'static str) -> StoreError {
+    StoreError::UnexpectedReply {
+        operation,
+        reply: "this store does not support follow-up runs".into(),
+    }
+}
+
+/// The key beside a record where its follow-up is kept.
+pub(crate) fn follow_up_key(key: &str) -> String {
+    format!("{key}\u{1f}next")
 }
 
 /// Futures returned by the type-erased store the layer holds.
@@ -464,6 +531,14 @@ pub(crate) trait ErasedStore: Send + Sync + 'static {
         outcome: Option<Vec<u8>>,
         retention: Duration,
     ) -> BoxFuture<Result<bool, StoreError>>;
+    fn record_follow_up(
+        self: Arc<Self>,
+        key: Arc<str>,
+        payload: Vec<u8>,
+        ttl: Duration,
+    ) -> BoxFuture<Result<(), StoreError>>;
+    fn take_follow_up(self: Arc<Self>, key: Arc<str>) -> BoxFuture<Result<Option<Vec<u8>>, StoreError>>;
+    fn reopen(self: Arc<Self>, key: Arc<str>, token: ClaimToken, ttl: Duration) -> BoxFuture<Result<bool, StoreError>>;
     fn release(self: Arc<Self>, key: Arc<str>, token: ClaimToken) -> BoxFuture<Result<bool, StoreError>>;
     fn renew(self: Arc<Self>, key: Arc<str>, token: ClaimToken, ttl: Duration) -> BoxFuture<Result<bool, StoreError>>;
     fn max_ttl(&self) -> Duration;
@@ -497,6 +572,20 @@ impl<T: IdempotencyStore> ErasedStore for T {
         retention: Duration,
     ) -> BoxFuture<Result<bool, StoreError>> {
         Box::pin(async move { IdempotencyStore::complete(&*self, &key, &token, outcome.as_deref(), retention).await })
+    }
+    fn record_follow_up(
+        self: Arc<Self>,
+        key: Arc<str>,
+        payload: Vec<u8>,
+        ttl: Duration,
+    ) -> BoxFuture<Result<(), StoreError>> {
+        Box::pin(async move { IdempotencyStore::record_follow_up(&*self, &key, &payload, ttl).await })
+    }
+    fn take_follow_up(self: Arc<Self>, key: Arc<str>) -> BoxFuture<Result<Option<Vec<u8>>, StoreError>> {
+        Box::pin(async move { IdempotencyStore::take_follow_up(&*self, &key).await })
+    }
+    fn reopen(self: Arc<Self>, key: Arc<str>, token: ClaimToken, ttl: Duration) -> BoxFuture<Result<bool, StoreError>> {
+        Box::pin(async move { IdempotencyStore::reopen(&*self, &key, &token, ttl).await })
     }
     fn release(self: Arc<Self>, key: Arc<str>, token: ClaimToken) -> BoxFuture<Result<bool, StoreError>> {
         Box::pin(async move { IdempotencyStore::release(&*self, &key, &token).await })

@@ -36,6 +36,16 @@ static COMPLETE: LazyLock<redis::Script> = LazyLock::new(|| {
     ))
 });
 
+/// Reopens our completed record (or a free key) as in progress under our token (`ARGV[1]`;
+/// the new value `ARGV[2]`, `PX ARGV[3]`), for a follow-up run.
+static REOPEN: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(&format!(
+        "{LUA_TOKEN}local v = redis.call('GET', KEYS[1]) \
+         if v and (string.byte(v, 1) ~= 30 or tok(v) ~= ARGV[1]) then return 0 end \
+         redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1"
+    ))
+});
+
 /// Claims with a fencing token from the server's clock (microseconds of `TIME`), kept in the
 /// record: `{1, fence}` when claimed, `{0, value}` with the record that is there otherwise.
 static CLAIM_FENCED: LazyLock<redis::Script> = LazyLock::new(|| {
@@ -412,6 +422,40 @@ where
             }
             _ => Err(unexpected(&reply)),
         }
+    }
+
+    async fn record_follow_up(&self, key: &str, payload: &[u8], ttl: Duration) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(super::follow_up_key(key))
+            .arg(payload)
+            .arg("PX")
+            .arg(ttl_millis(ttl));
+        let _: Value = self.bounded("record_follow_up", cmd.query_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    async fn take_follow_up(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("GETDEL");
+        cmd.arg(super::follow_up_key(key));
+        self.bounded("take_follow_up", cmd.query_async(&mut conn)).await
+    }
+
+    async fn reopen(&self, key: &str, token: &ClaimToken, ttl: Duration) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let reopened: i64 = self
+            .bounded(
+                "reopen",
+                REOPEN
+                    .key(key)
+                    .arg(token.as_str())
+                    .arg(encode_in_progress(token, ttl))
+                    .arg(ttl_millis(ttl))
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+        Ok(reopened == 1)
     }
 
     async fn complete(
