@@ -65,11 +65,14 @@ pub trait KeyExtractor<Req> {
     }
 }
 
+/// Turns a recorded follow-up back into a request.
+pub(crate) type Decode<Req> = Arc<dyn Fn(&[u8]) -> Option<Req> + Send + Sync>;
+
 /// A request as a follow-up: its bytes, and the decoder for recorded ones. Made by
 /// [`WithRunOnceMore`].
 pub struct FollowUp<Req> {
     pub(crate) payload: Option<Vec<u8>>,
-    pub(crate) decode: Arc<dyn Fn(&[u8]) -> Option<Req> + Send + Sync>,
+    pub(crate) decode: Decode<Req>,
 }
 
 impl<Req> std::fmt::Debug for FollowUp<Req> {
@@ -88,7 +91,7 @@ impl<Req> std::fmt::Debug for FollowUp<Req> {
 pub struct WithRunOnceMore<X, E, Req> {
     extractor: X,
     encode: E,
-    decode: Arc<dyn Fn(&[u8]) -> Option<Req> + Send + Sync>,
+    decode: Decode<Req>,
 }
 
 impl<X: std::fmt::Debug, E, Req> std::fmt::Debug for WithRunOnceMore<X, E, Req> {

@@ -17,7 +17,7 @@ use crate::IdempotencyKey;
 use crate::classify::{ClassifyOutcome, Settle};
 use crate::error::IdempotencyError;
 use crate::extract::BoxError;
-use crate::extract::FollowUp;
+use crate::extract::{Decode, FollowUp};
 use crate::protocol::follow_up::{self, Recheck};
 use crate::protocol::{Claiming, Decision, Lease, Protocol, Running, Settling};
 use crate::store::ClaimToken;
@@ -60,7 +60,7 @@ struct FollowUps<S: Service<Req>, Req> {
     protocol: Arc<Protocol>,
     /// This request, encoded: recorded as the follow-up when its key is in progress.
     payload: Option<Vec<u8>>,
-    decode: Arc<dyn Fn(&[u8]) -> Option<Req> + Send + Sync>,
+    decode: Decode<Req>,
     /// The inner service, kept to run follow-ups.
     inner: Option<S>,
     /// The key, stored key and token of the run in progress, drained when it settles.

@@ -1,7 +1,6 @@
 //! Replay in the HTTP layer, in process (MemoryStore): what is stored, what is not, and the
 //! bounded wait for an original in flight.
 
-#[allow(dead_code)]
 mod webhook_support;
 
 use std::sync::Arc;

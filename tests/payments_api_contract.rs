@@ -3,7 +3,6 @@
 //! does not lose (or repeat) the payment.
 
 mod common;
-#[allow(dead_code)]
 mod webhook_support;
 
 use std::net::SocketAddr;

@@ -111,6 +111,9 @@ pub(crate) struct CollectingFuture<F, C, Resp: HttpResponse> {
     replay: Option<Arc<Replay>>,
 }
 
+// Moved once per call, never copied around: boxing the larger state would cost an allocation
+// per request for nothing.
+#[allow(clippy::large_enum_variant)]
 #[pin_project(project = CollectProj)]
 enum CollectState<F, ResBody: Body> {
     Calling {

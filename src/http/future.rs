@@ -66,6 +66,9 @@ struct Pending<S, C> {
     classifier: C,
 }
 
+// Pinned in place for the whole call: boxing the larger states would cost an allocation per
+// request for nothing.
+#[allow(clippy::large_enum_variant)]
 #[pin_project(project = StateProj)]
 enum State<S, B, C>
 where
