@@ -340,8 +340,10 @@ async fn refused_claims_during_an_outage_leave_no_background_work() {
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port();
+    // A bound long enough that, even on a loaded machine, every call ends with the refusal
+    // (after the connection's own retries) and not with our timeout, which may have applied.
     let store = RedisStore::builder(format!("redis://127.0.0.1:{port}"))
-        .timeout(Duration::from_millis(300))
+        .timeout(Duration::from_secs(10))
         .connect_lazy()
         .expect("lazy store");
     let layer = IdempotencyLayer::new(store, key_of).build().expect("valid settings");
