@@ -105,3 +105,74 @@ async fn a_duplicate_in_flight_waits_for_the_original_and_replays_it() {
     assert_eq!(second.header("idempotency-replayed"), Some("true"));
     assert_eq!(first.await.unwrap().status, 201);
 }
+
+/// The layer alone (no outer layer): a client that disconnects 100 ms into a 1 s request does
+/// not cancel the handler; its response is stored, and the retry 2 s later replays it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_a_disconnected_clients_handler_runs_to_completion_and_the_retry_replays_it() {
+    use tokio::io::AsyncWriteExt;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let layer = HttpIdempotencyLayer::new(MemoryStore::new(), HeaderKey::idempotency_key()).with_replay(Replay::new());
+    let handlers = layer.handlers().expect("run to completion is the default");
+    let app = Router::new().route(
+        "/p",
+        post(move || {
+            let c = c.clone();
+            async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+                (StatusCode::CREATED, format!("payment {n}"))
+            }
+        })
+        .route_layer(layer),
+    );
+    let addr = serve(app).await;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"POST /p HTTP/1.1\r\nhost: x\r\nidempotency-key: k\r\ncontent-length: 2\r\n\r\n{}")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(stream);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(handlers.running(), 0, "the handler finished");
+    let retry = call(addr, "k").await;
+    assert_eq!((retry.status, retry.body.as_str()), (201, "payment 1"), "{retry:?}");
+    assert_eq!(retry.header("idempotency-replayed"), Some("true"));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+/// Opted out, the handler is cancelled with its client (and its claim kept until the TTL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_run_to_completion_off_a_disconnect_cancels_the_handler() {
+    use tokio::io::AsyncWriteExt;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let app = Router::new().route(
+        "/p",
+        post(move || {
+            let c = c.clone();
+            async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                c.fetch_add(1, Ordering::SeqCst);
+                StatusCode::CREATED
+            }
+        })
+        .route_layer(
+            HttpIdempotencyLayer::new(MemoryStore::new(), HeaderKey::idempotency_key())
+                .with_replay(Replay::new())
+                .with_run_to_completion(false),
+        ),
+    );
+    let addr = serve(app).await;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"POST /p HTTP/1.1\r\nhost: x\r\nidempotency-key: k\r\ncontent-length: 2\r\n\r\n{}")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 0, "cancelled with its client");
+}

@@ -58,12 +58,7 @@ impl RunToCompletionLayer {
     /// too run to completion once started).
     pub fn with_max_in_flight(self, max: usize) -> Self {
         Self {
-            handlers: Handlers {
-                inner: Arc::new(HandlersInner {
-                    limit: Some(Arc::new(Semaphore::new(max.max(1)))),
-                    ..Default::default()
-                }),
-            },
+            handlers: Handlers::with_limit(Some(max)),
         }
     }
 
@@ -74,6 +69,35 @@ impl RunToCompletionLayer {
 }
 
 impl Handlers {
+    /// Handlers with at most `max` running at once (`None`: no cap).
+    pub(crate) fn with_limit(max: Option<usize>) -> Self {
+        Self {
+            inner: Arc::new(HandlersInner {
+                limit: max.map(|max| Arc::new(Semaphore::new(max.max(1)))),
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// Runs `fut` in its own task, counted (and capped) here.
+    pub(crate) fn spawn<F>(&self, fut: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let state = self.inner.clone();
+        state.running.fetch_add(1, Ordering::AcqRel);
+        let running = Running(state.clone());
+        tokio::spawn(async move {
+            let _running = running;
+            let _slot = match &state.limit {
+                Some(limit) => limit.clone().acquire_owned().await.ok(),
+                None => None,
+            };
+            fut.await
+        })
+    }
+
     /// How many calls are running (or waiting for a slot).
     pub fn running(&self) -> usize {
         self.inner.running.load(Ordering::Acquire)
@@ -139,17 +163,7 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let state = self.handlers.inner.clone();
-        state.running.fetch_add(1, Ordering::AcqRel);
-        let running = Running(state.clone());
-        let task = tokio::spawn(async move {
-            let _running = running;
-            let _slot = match &state.limit {
-                Some(limit) => limit.clone().acquire_owned().await.ok(),
-                None => None,
-            };
-            inner.call(req).await
-        });
+        let task = self.handlers.spawn(async move { inner.call(req).await });
         Box::pin(async move {
             match task.await {
                 Ok(result) => result,

@@ -17,7 +17,7 @@ use pin_project::pin_project;
 use tower::Service;
 
 use super::body::{ReplayBody, ResponseBody};
-use super::collect::{Collecting, FromCollected, HttpResponse, Settled};
+use super::collect::{Classified, Collecting, FromCollected, HttpResponse, Settled};
 use super::extract::ExtractError;
 use super::pre_claim::{PreClaim, PreClaimFuture};
 use super::replay::Replay;
@@ -91,9 +91,16 @@ where
         pending: Option<Pending<S, C>>,
     },
     Claiming {
-        #[pin]
-        fut: crate::ResponseFuture<Collecting<S, C>, Request<ReplayBody<B>>, FromCollected>,
+        fut: Option<Pin<Box<CoreFuture<S, B, C>>>>,
         /// The request's fingerprint, with replay: compared with a duplicate's record.
+        fingerprint: Option<String>,
+        /// A claim (not a pass-through): run to completion in its own task, when the layer
+        /// does that.
+        claimed: bool,
+    },
+    /// A claimed request running in its own task: a client that goes away does not cancel it.
+    Detached {
+        task: tokio::task::JoinHandle<CoreOutput<S, B>>,
         fingerprint: Option<String>,
     },
     Answered {
@@ -114,6 +121,7 @@ where
             State::Buffering { .. } => "buffering",
             State::Checking { .. } => "checking",
             State::Claiming { .. } => "claiming",
+            State::Detached { .. } => "running_detached",
             State::Answered { .. } => "answered",
         };
         f.debug_struct("ResponseFuture")
@@ -144,11 +152,12 @@ where
         let (mut parts, body) = req.into_parts();
         let state = if let Some(source) = &protocol.invalid {
             State::Claiming {
-                fut: crate::ResponseFuture::refused(
+                fut: Some(Box::pin(crate::ResponseFuture::refused(
                     IdempotencyError::Misconfigured { source: source.clone() },
                     FromCollected,
-                ),
+                ))),
                 fingerprint: None,
+                claimed: false,
             }
         } else if let Err(error) = front.verifier.verify_head(&parts) {
             // Authentication comes first, from the head alone: not a byte of the body is read
@@ -216,11 +225,16 @@ where
                 .and_then(|fp| ClaimToken::generate().with_fingerprint(fp));
             let fut =
                 crate::ResponseFuture::claim(inner, req, key, owner, takeover.as_deref(), protocol, FromCollected);
-            State::Claiming { fut, fingerprint }
+            State::Claiming {
+                fut: Some(Box::pin(fut)),
+                fingerprint,
+                claimed: true,
+            }
         }
         None => State::Claiming {
-            fut: crate::ResponseFuture::pass_through(inner, req, FromCollected),
+            fut: Some(Box::pin(crate::ResponseFuture::pass_through(inner, req, FromCollected))),
             fingerprint: None,
+            claimed: false,
         },
     }
 }
@@ -342,6 +356,43 @@ fn too_large<X, V, R: ShortCircuitResponse>(front: &Front<X, V, R>) -> Response<
     front.responses.too_large(front.body_limit)
 }
 
+/// The claim protocol's future, as the HTTP layer drives it.
+type CoreFuture<S, B, C> = crate::ResponseFuture<Collecting<S, C>, Request<ReplayBody<B>>, FromCollected>;
+
+/// What [`CoreFuture`] resolves to.
+type CoreOutput<S, B> = Result<
+    Response<ResponseBody<<<S as Service<Request<ReplayBody<B>>>>::Response as HttpResponse>::Body>>,
+    IdempotencyError<Classified<<S as Service<Request<ReplayBody<B>>>>::Error>>,
+>;
+
+/// The layered service's answer from the claim protocol's outcome.
+fn answer<X, V, R: ShortCircuitResponse, ResBody, E>(
+    front: &Front<X, V, R>,
+    fingerprint: Option<&str>,
+    output: Result<Response<ResponseBody<ResBody>>, IdempotencyError<Classified<E>>>,
+) -> Result<Response<ResponseBody<ResBody>>, E> {
+    let responses = &front.responses;
+    let response = match output {
+        Ok(mut response) => {
+            response.extensions_mut().remove::<Settled>();
+            return Ok(response);
+        }
+        Err(IdempotencyError::Inner(classified)) => return Err(classified.error),
+        Err(IdempotencyError::Duplicate { key, record }) => match &front.replay {
+            Some(replay) => replay.answer(&key, &record, fingerprint),
+            None => responses.duplicate(&key),
+        },
+        Err(IdempotencyError::StoreUnavailable { .. }) => responses.unavailable(),
+        Err(IdempotencyError::ClaimLost { key }) => responses.claim_lost(&key),
+        Err(IdempotencyError::InvalidKey { source }) => responses.invalid(&*source),
+        // The job was blocked (the handler's own answer is gone with the error); its claim
+        // still stands until the background release succeeds.
+        Err(IdempotencyError::ReleaseFailed { .. }) => responses.unavailable(),
+        Err(IdempotencyError::Misconfigured { .. }) => responses.unavailable(),
+    };
+    Ok(short_circuit(response))
+}
+
 /// One of the layer's own answers, as the layered service's response.
 fn short_circuit<ResBody>(response: Response<Bytes>) -> Response<ResponseBody<ResBody>> {
     response.map(|bytes| Either::Right(Full::new(bytes)))
@@ -351,6 +402,14 @@ impl<S, B, C, X, V, R, ResBody> Future for ResponseFuture<S, B, C, X, V, R>
 where
     S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Clone,
     ResBody: Body,
+    // A claimed request runs to completion in its own task (see `with_run_to_completion`).
+    S: Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ResBody: Send + 'static,
+    ResBody::Data: Send,
+    B: Send + 'static,
+    C: Send + 'static,
     B: Body,
     B::Error: Into<BoxError>,
     X: HttpKeyExtractor,
@@ -429,27 +488,36 @@ where
                     };
                     this.state.set(next);
                 }
-                StateProj::Claiming { fut, fingerprint } => {
-                    let responses = &this.front.responses;
-                    let response = match ready!(fut.poll(cx)) {
-                        Ok(mut response) => {
-                            response.extensions_mut().remove::<Settled>();
-                            return Poll::Ready(Ok(response));
-                        }
-                        Err(IdempotencyError::Inner(classified)) => return Poll::Ready(Err(classified.error)),
-                        Err(IdempotencyError::Duplicate { key, record }) => match &this.front.replay {
-                            Some(replay) => replay.answer(&key, &record, fingerprint.as_deref()),
-                            None => responses.duplicate(&key),
-                        },
-                        Err(IdempotencyError::StoreUnavailable { .. }) => responses.unavailable(),
-                        Err(IdempotencyError::ClaimLost { key }) => responses.claim_lost(&key),
-                        Err(IdempotencyError::InvalidKey { source }) => responses.invalid(&*source),
-                        // The job was blocked (the handler's own answer is gone with the error);
-                        // its claim still stands until the background release succeeds.
-                        Err(IdempotencyError::ReleaseFailed { .. }) => responses.unavailable(),
-                        Err(IdempotencyError::Misconfigured { .. }) => responses.unavailable(),
+                StateProj::Claiming {
+                    fut,
+                    fingerprint,
+                    claimed,
+                } => {
+                    if *claimed
+                        && let Some(handlers) = &this.front.handlers
+                        && tokio::runtime::Handle::try_current().is_ok()
+                        && let Some(core) = fut.take()
+                    {
+                        let task = handlers.spawn(core);
+                        let fingerprint = fingerprint.take();
+                        this.state.set(State::Detached { task, fingerprint });
+                        continue;
+                    }
+                    let Some(core) = fut.as_mut() else {
+                        polled_after_completion()
                     };
-                    return Poll::Ready(Ok(short_circuit(response)));
+                    let output = ready!(core.as_mut().poll(cx));
+                    return Poll::Ready(answer(this.front, fingerprint.as_deref(), output));
+                }
+                StateProj::Detached { task, fingerprint } => {
+                    let output = match ready!(Pin::new(task).poll(cx)) {
+                        Ok(output) => output,
+                        // The handler panicked: the panic is the caller's, as without the task.
+                        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+                        // Cancelled: the runtime is shutting down.
+                        Err(_) => return Poll::Ready(Ok(short_circuit(this.front.responses.unavailable()))),
+                    };
+                    return Poll::Ready(answer(this.front, fingerprint.as_deref(), output));
                 }
                 StateProj::Answered { response } => {
                     let Some(response) = response.take() else {

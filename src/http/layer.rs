@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tower::Layer;
 
 use super::classify::HttpClassifier;
+use super::detach::Handlers;
 use super::pre_claim::PreClaimCheck;
 use super::replay::Replay;
 use super::response::JsonResponses;
@@ -68,6 +69,7 @@ pub struct HttpIdempotencyLayer<X, V = NoVerification, C = HttpClassifier, R = J
     body_limit: usize,
     pre_claim: Option<Arc<dyn PreClaimCheck>>,
     replay: Option<Arc<Replay>>,
+    handlers: Option<Handlers>,
 }
 
 impl<X: Clone, V: Clone, C: Clone, R: Clone> Clone for HttpIdempotencyLayer<X, V, C, R> {
@@ -81,6 +83,7 @@ impl<X: Clone, V: Clone, C: Clone, R: Clone> Clone for HttpIdempotencyLayer<X, V
             body_limit: self.body_limit,
             pre_claim: self.pre_claim.clone(),
             replay: self.replay.clone(),
+            handlers: self.handlers.clone(),
         }
     }
 }
@@ -127,6 +130,7 @@ impl<X> HttpIdempotencyLayer<X> {
             body_limit: DEFAULT_BODY_LIMIT,
             pre_claim: None,
             replay: None,
+            handlers: Some(Handlers::default()),
         }
     }
 }
@@ -190,6 +194,7 @@ impl<X, V, C, R> HttpIdempotencyLayer<X, V, C, R> {
             body_limit: self.body_limit,
             pre_claim: self.pre_claim,
             replay: self.replay,
+            handlers: self.handlers,
         }
     }
 
@@ -205,6 +210,7 @@ impl<X, V, C, R> HttpIdempotencyLayer<X, V, C, R> {
             body_limit: self.body_limit,
             pre_claim: self.pre_claim,
             replay: self.replay,
+            handlers: self.handlers,
         }
     }
 
@@ -219,6 +225,7 @@ impl<X, V, C, R> HttpIdempotencyLayer<X, V, C, R> {
             body_limit: self.body_limit,
             pre_claim: self.pre_claim,
             replay: self.replay,
+            handlers: self.handlers,
         }
     }
 
@@ -235,6 +242,7 @@ impl<X, V, C, R> HttpIdempotencyLayer<X, V, C, R> {
             body_limit: self.body_limit,
             pre_claim: self.pre_claim,
             replay: self.replay,
+            handlers: self.handlers,
         }
     }
 
@@ -304,6 +312,42 @@ impl<X, V, C, R> HttpIdempotencyLayer<X, V, C, R> {
         self
     }
 
+    /// Whether a claimed request's handler runs to completion in its own Tokio task (default
+    /// `true`): a client that disconnects does not cancel it, so its claim is settled and its
+    /// outcome recorded (with [`with_replay`](Self::with_replay), the retry gets the stored
+    /// response). `false`: the handler runs in the caller's future and is cancelled with it
+    /// (its claim is then kept until the TTL). Requests that take no claim are never moved.
+    pub fn with_run_to_completion(mut self, run_to_completion: bool) -> Self {
+        self.handlers = run_to_completion.then(Handlers::default);
+        self
+    }
+
+    /// Caps how many claimed handlers run at once (in their own tasks); the others wait for a
+    /// slot. Turns [`with_run_to_completion`](Self::with_run_to_completion) on.
+    pub fn with_max_in_flight(mut self, max: usize) -> Self {
+        self.handlers = Some(Handlers::with_limit(Some(max)));
+        self
+    }
+
+    /// The claimed handlers running in their own tasks, shared by every service this layer
+    /// makes: a graceful shutdown waits for them with [`Handlers::wait`]. `None` when
+    /// run-to-completion is off.
+    ///
+    /// ```
+    /// use tower_idempotency::MemoryStore;
+    /// use tower_idempotency::http::{HeaderKey, HttpIdempotencyLayer};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let layer = HttpIdempotencyLayer::new(MemoryStore::new(), HeaderKey::idempotency_key()).with_max_in_flight(256);
+    /// let handlers = layer.handlers().expect("on by default");
+    /// // … serve with `layer`; on shutdown, after the server stopped accepting:
+    /// handlers.wait().await;
+    /// # }
+    /// ```
+    pub fn handlers(&self) -> Option<Handlers> {
+        self.handlers.clone()
+    }
+
     /// The largest body buffered, in bytes (default [`DEFAULT_BODY_LIMIT`]); a larger one is
     /// answered `413`. Applies when the extractor or the verifier reads the body.
     pub fn with_body_limit(mut self, limit: usize) -> Self {
@@ -350,6 +394,7 @@ impl<S, X: Clone, V: Clone, C: Clone, R: Clone> Layer<S> for HttpIdempotencyLaye
                 body_limit: self.body_limit,
                 pre_claim: self.pre_claim.clone(),
                 replay: self.replay.clone(),
+                handlers: self.handlers.clone(),
             }),
         )
     }

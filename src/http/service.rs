@@ -27,6 +27,8 @@ pub(crate) struct Front<X, V, R> {
     pub(crate) body_limit: usize,
     pub(crate) pre_claim: Option<Arc<dyn super::PreClaimCheck>>,
     pub(crate) replay: Option<Arc<super::Replay>>,
+    /// Where claimed requests run to completion; `None`: in the caller's future.
+    pub(crate) handlers: Option<super::Handlers>,
 }
 
 impl<X: HttpKeyExtractor, V: VerifyRequest, R> Front<X, V, R> {
@@ -134,6 +136,14 @@ impl<S, X, V, C, R, B, ResBody> Service<Request<B>> for HttpIdempotency<S, X, V,
 where
     S: Service<Request<ReplayBody<B>>, Response = Response<ResBody>> + Clone,
     ResBody: Body,
+    // A claimed request runs to completion in its own task (see `with_run_to_completion`).
+    S: Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ResBody: Send + 'static,
+    ResBody::Data: Send,
+    B: Send + 'static,
+    C: Send + 'static,
     B: Body,
     B::Error: Into<BoxError>,
     X: HttpKeyExtractor,
