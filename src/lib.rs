@@ -40,6 +40,10 @@
 //! # }
 //! ```
 //!
+//! The same store also carries a **distributed concurrency limit** ([`limit`],
+//! [`ConcurrencyLimitLayer`]): at most N concurrent calls per key across processes, with leases
+//! on the Redis server's clock.
+//!
 //! # Features
 //! - `redis` (default): [`RedisStore`].
 //! - `redis-cluster`: `RedisStore` over a cluster connection.
@@ -62,6 +66,7 @@ mod future;
 pub mod http;
 mod key;
 mod layer;
+pub mod limit;
 pub mod observe;
 mod protocol;
 mod report;
@@ -75,6 +80,7 @@ pub use extract::{BoxError, KeyExtractor, WithOverride, WithOwner};
 pub use future::ResponseFuture;
 pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
 pub use layer::IdempotencyLayer;
+pub use limit::{ConcurrencyLimit, ConcurrencyLimitLayer, LimitError};
 pub use report::{DEFAULT_REPORT_INTERVAL, DEFAULT_SENTRY_TAG};
 pub use service::Idempotency;
 pub use settings::{ConfigError, DEFAULT_MAX_HOLD_TTLS, DEFAULT_TTL, LostClaimPolicy, StoreErrorPolicy};

@@ -1,0 +1,134 @@
+//! Short-circuits as HTTP responses: at capacity is `429 Too Many Requests` with `Retry-After`.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderValue, Response, StatusCode};
+
+use super::error::LimitError;
+use crate::error::Chain;
+use crate::http::DEFAULT_RETRY_AFTER;
+
+/// The HTTP answer to a short-circuit of the limit, or `None` for the inner service's own
+/// error (which is the application's to answer). Bodies are `application/problem+json`
+/// (RFC 9457):
+///
+/// | error | status | `Retry-After` |
+/// |---|---|---|
+/// | [`AtCapacity`](LimitError::AtCapacity) | `429 Too Many Requests` | the error's `retry_after`, whole seconds rounded up (at least 1) |
+/// | [`StoreUnavailable`](LimitError::StoreUnavailable), [`LeaseLost`](LimitError::LeaseLost) | `503 Service Unavailable` | 5 |
+/// | [`InvalidKey`](LimitError::InvalidKey) | `400 Bad Request` | — |
+/// | [`Misconfigured`](LimitError::Misconfigured) | `500 Internal Server Error` | — |
+///
+/// With axum, answer the layer's errors in a `HandleErrorLayer` (the limit's service has an
+/// error type, which an axum route does not accept):
+///
+/// ```
+/// use std::time::Duration;
+/// use http::StatusCode;
+/// use tower_idempotency::IdempotencyKey;
+/// use tower_idempotency::limit::{LimitError, http_response};
+///
+/// let err: LimitError<std::convert::Infallible> = LimitError::AtCapacity {
+///     key: IdempotencyKey::new("project-1:work-item-42:review").unwrap(),
+///     limit: 2,
+///     retry_after: Duration::from_millis(1200),
+/// };
+/// let response = http_response(&err).unwrap();
+/// assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+/// assert_eq!(response.headers()["retry-after"], "2");
+/// assert_eq!(response.headers()["content-type"], "application/problem+json");
+/// ```
+pub fn http_response<E>(error: &LimitError<E>) -> Option<Response<Bytes>> {
+    let (status, retry_after, body) = match error {
+        LimitError::AtCapacity {
+            key,
+            limit,
+            retry_after,
+        } => (
+            StatusCode::TOO_MANY_REQUESTS,
+            Some(*retry_after),
+            serde_json::json!({
+                "type": "about:blank",
+                "title": "Too Many Requests",
+                "status": 429,
+                "detail": format!("`{key}` already has {limit} concurrent runs; retry later"),
+                "key": key.as_str(),
+                "limit": limit,
+                "retry_after_ms": u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX),
+            }),
+        ),
+        LimitError::StoreUnavailable { key, source } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(DEFAULT_RETRY_AFTER),
+            serde_json::json!({
+                "type": "about:blank",
+                "title": "Service Unavailable",
+                "status": 503,
+                "detail": format!("the concurrency-limit store is unavailable: {}", Chain(source)),
+                "key": key.as_str(),
+            }),
+        ),
+        LimitError::LeaseLost { key } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(DEFAULT_RETRY_AFTER),
+            serde_json::json!({
+                "type": "about:blank",
+                "title": "Service Unavailable",
+                "status": 503,
+                "detail": "the run's slot was lost while it ran; it was aborted",
+                "key": key.as_str(),
+            }),
+        ),
+        LimitError::InvalidKey { source } => (
+            StatusCode::BAD_REQUEST,
+            None,
+            serde_json::json!({
+                "type": "about:blank",
+                "title": "Bad Request",
+                "status": 400,
+                "detail": Chain(&**source).to_string(),
+            }),
+        ),
+        LimitError::Misconfigured { source } => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            None,
+            serde_json::json!({
+                "type": "about:blank",
+                "title": "Internal Server Error",
+                "status": 500,
+                "detail": source.to_string(),
+            }),
+        ),
+        LimitError::Inner(_) => return None,
+    };
+    let mut response = Response::new(Bytes::from(body.to_string()));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+    if let Some(after) = retry_after {
+        headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(after)));
+    }
+    Some(response)
+}
+
+/// Whole seconds, rounded up, at least 1: `Retry-After` has no fractions, and `0` would invite
+/// an immediate retry that is still over the limit.
+fn retry_after_secs(after: Duration) -> u64 {
+    (after.as_secs() + u64::from(after.subsec_nanos() > 0)).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retry_after_secs;
+    use std::time::Duration;
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1000)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
+    }
+}
