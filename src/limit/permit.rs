@@ -194,11 +194,23 @@ impl Shared {
             let deadline = Instant::now() + lease;
             match answer {
                 Ok(Acquire::AtCapacity { .. }) => {}
-                Err(e) if !e.may_have_applied() => {}
+                Err(e) if !may_have_applied(&e) => {}
                 Ok(Acquire::Granted) | Err(_) => clean_up(store, key, holder, deadline).await,
             }
         });
     }
+}
+
+/// Whether a failed acquire may have landed: the store's own judgement, plus a connection that
+/// dropped with the command in flight (the command may have reached the server first).
+fn may_have_applied(error: &StoreError) -> bool {
+    #[cfg(feature = "redis")]
+    if let StoreError::Redis { source, .. } = error
+        && source.is_connection_dropped()
+    {
+        return true;
+    }
+    error.may_have_applied()
 }
 
 async fn clean_up(
@@ -298,7 +310,7 @@ impl Acquiring {
                 Decision::AtCapacity { retry_after }
             }
             Err(error) => {
-                if error.may_have_applied() {
+                if may_have_applied(&error) {
                     // The holder may exist: bounded by its lease, and removed sooner when the
                     // store answers again.
                     shared.clean_up_in_background(
