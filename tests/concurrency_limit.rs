@@ -326,6 +326,7 @@ async fn lost_acquire_reply_is_cleaned_up_by_an_owner_checked_release() {
     let lease = Duration::from_secs(120);
     let through_proxy = store(&proxy.url()).await;
     let svc = ConcurrencyLimitLayer::new(through_proxy, by_name)
+        .with_limit(2)
         .with_lease(lease)
         .layer(tower::service_fn(|_: &'static str| async { Ok::<_, Infallible>(()) }));
     // Load the script first, so the lost reply is the acquire's own, not `NOSCRIPT`'s.
