@@ -553,3 +553,101 @@ fn futures_are_send_and_static() {
         fut.await.unwrap();
     });
 }
+
+/// A store whose acquire takes a while, and which counts the acquires that landed.
+struct SlowAcquire {
+    inner: RedisStore,
+    landed: Arc<AtomicUsize>,
+}
+
+impl LimitStore for SlowAcquire {
+    async fn acquire(&self, key: &str, holder: &ClaimToken, limit: usize, lease: Duration) -> Result<Acquire, StoreError> {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let answer = self.inner.acquire(key, holder, limit, lease).await;
+        self.landed.fetch_add(1, Ordering::SeqCst);
+        answer
+    }
+    async fn renew(&self, key: &str, holder: &ClaimToken, lease: Duration) -> Result<bool, StoreError> {
+        self.inner.renew(key, holder, lease).await
+    }
+    async fn release(&self, key: &str, holder: &ClaimToken) -> Result<bool, StoreError> {
+        self.inner.release(key, holder).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_dropped_while_acquiring_releases_the_slot_once_the_acquire_lands() {
+    let server = RedisServer::start();
+    let landed = Arc::new(AtomicUsize::new(0));
+    let calls = Calls::default();
+    let c = calls.clone();
+    let svc = ConcurrencyLimitLayer::new(
+        SlowAcquire {
+            inner: store(&server.url()).await,
+            landed: landed.clone(),
+        },
+        by_name,
+    )
+    .with_lease(Duration::from_secs(120))
+    .layer(tower::service_fn(move |_: &'static str| {
+        c.hit();
+        async { Ok::<_, Infallible>(()) }
+    }));
+    let call = tokio::spawn(svc.clone().oneshot(KEY));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    call.abort();
+    // The acquire still lands (it was handed to the background, not cancelled)...
+    wait_until("the acquire landed", Duration::from_secs(20), || {
+        let n = landed.load(Ordering::SeqCst);
+        async move { n == 1 }
+    })
+    .await;
+    // ...and its slot is released, long before the 120 s lease.
+    wait_until("the background release finished", Duration::from_secs(30), || {
+        let n = svc.background_tasks();
+        async move { n == 0 }
+    })
+    .await;
+    assert_eq!(zcard(&server, KEY).await, 0, "the slot of the dropped call is free");
+    assert_eq!(calls.get(), 0, "the dropped call never ran");
+}
+
+#[cfg(feature = "metrics")]
+#[test]
+fn outcomes_are_counted_by_layer_and_outcome_never_by_key() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let store = MemoryLimitStore::new();
+            let holder = ClaimToken::generate();
+            // Someone else holds the only slot of "busy".
+            store.acquire("busy", &holder, 1, Duration::from_secs(60)).await.unwrap();
+            let svc = ConcurrencyLimitLayer::new(Arc::new(store), by_name)
+                .with_name("agent-runs")
+                .layer(tower::service_fn(|_: &'static str| async { Ok::<_, Infallible>(()) }));
+            svc.clone().oneshot("free").await.expect("granted");
+            assert!(svc.oneshot("busy").await.unwrap_err().is_at_capacity());
+        });
+    });
+    let counts: Vec<(String, u64)> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(key, ..)| key.key().name() == "idempotency.limit.outcomes")
+        .filter_map(|(key, _, _, value)| {
+            let labels: Vec<_> = key.key().labels().map(|l| (l.key().to_owned(), l.value().to_owned())).collect();
+            assert!(labels.iter().all(|(k, _)| k == "layer" || k == "outcome"), "{labels:?}");
+            assert!(labels.contains(&("layer".into(), "agent-runs".into())), "{labels:?}");
+            let outcome = labels.into_iter().find(|(k, _)| k == "outcome")?.1;
+            match value {
+                DebugValue::Counter(n) if n > 0 => Some((outcome, n)),
+                _ => None,
+            }
+        })
+        .collect();
+    let get = |o: &str| counts.iter().find(|(name, _)| name == o).map_or(0, |(_, n)| *n);
+    assert_eq!((get("granted"), get("released"), get("at_capacity")), (1, 1, 1), "{counts:?}");
+}
