@@ -31,7 +31,15 @@ use crate::store::ClaimToken;
 /// ```
 #[derive(Debug, Default)]
 pub struct MemoryLimitStore {
-    keys: Mutex<HashMap<String, HashMap<ClaimToken, Instant>>>,
+    keys: Mutex<Keys>,
+}
+
+#[derive(Debug, Default)]
+struct Keys {
+    map: HashMap<String, HashMap<ClaimToken, Instant>>,
+    /// Size after the last sweep of keys whose holders all expired; sweeping when the map
+    /// doubles keeps the amortised cost per acquire constant.
+    swept_len: usize,
 }
 
 impl MemoryLimitStore {
@@ -44,11 +52,12 @@ impl MemoryLimitStore {
     pub fn holders(&self, key: &str) -> usize {
         let now = Instant::now();
         self.lock()
+            .map
             .get(key)
             .map_or(0, |holders| holders.values().filter(|exp| **exp > now).count())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<ClaimToken, Instant>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Keys> {
         // Every update is a single insert or remove: a poisoned lock leaves nothing half-done.
         self.keys.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -69,7 +78,11 @@ impl LimitStore for MemoryLimitStore {
     ) -> Result<Acquire, StoreError> {
         let now = Instant::now();
         let mut keys = self.lock();
-        let holders = keys.entry(key.to_owned()).or_default();
+        if keys.map.len() > 1024 && keys.map.len() >= 2 * keys.swept_len {
+            keys.map.retain(|_, holders| holders.values().any(|exp| *exp > now));
+            keys.swept_len = keys.map.len();
+        }
+        let holders = keys.map.entry(key.to_owned()).or_default();
         holders.retain(|_, exp| *exp > now);
         if holders.contains_key(holder) || holders.len() < limit {
             holders.insert(holder.clone(), expiry(now, lease));
@@ -84,7 +97,7 @@ impl LimitStore for MemoryLimitStore {
     async fn renew(&self, key: &str, holder: &ClaimToken, lease: Duration) -> Result<bool, StoreError> {
         let now = Instant::now();
         let mut keys = self.lock();
-        match keys.get_mut(key).and_then(|holders| holders.get_mut(holder)) {
+        match keys.map.get_mut(key).and_then(|holders| holders.get_mut(holder)) {
             Some(exp) if *exp > now => {
                 *exp = expiry(now, lease);
                 Ok(true)
@@ -95,12 +108,12 @@ impl LimitStore for MemoryLimitStore {
 
     async fn release(&self, key: &str, holder: &ClaimToken) -> Result<bool, StoreError> {
         let mut keys = self.lock();
-        let Some(holders) = keys.get_mut(key) else {
+        let Some(holders) = keys.map.get_mut(key) else {
             return Ok(false);
         };
         let removed = holders.remove(holder).is_some();
         if holders.is_empty() {
-            keys.remove(key);
+            keys.map.remove(key);
         }
         Ok(removed)
     }
