@@ -160,13 +160,7 @@ async fn task_loop(
                 store.release(&key, &token).await.expect("release");
                 answer == Acquire::Granted
             }
-            Impl::Layer => svc
-                .ready()
-                .await
-                .expect("ready")
-                .call(key.clone())
-                .await
-                .is_ok(),
+            Impl::Layer => svc.ready().await.expect("ready").call(key.clone()).await.is_ok(),
         };
         if granted {
             ok += 1;

@@ -91,7 +91,8 @@ struct Args {
     process: usize,
 }
 
-const USAGE: &str = "usage: work_item_lock [--processes P] [--jobs J] [--limit N] [--run-ms M] [--lease-ms L] [--redis URL]";
+const USAGE: &str =
+    "usage: work_item_lock [--processes P] [--jobs J] [--limit N] [--run-ms M] [--lease-ms L] [--redis URL]";
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
@@ -207,7 +208,9 @@ async fn resolve_redis(flag: Option<String>) -> Result<(String, Option<redis_ser
         if answers(&url).await {
             return Ok((url, None));
         }
-        return Err(format!("Redis at {url} (from --redis or REDIS_URL) does not answer PING"));
+        return Err(format!(
+            "Redis at {url} (from --redis or REDIS_URL) does not answer PING"
+        ));
     }
     let default = "redis://127.0.0.1:6379".to_string();
     if answers(&default).await {
@@ -386,7 +389,10 @@ fn print_table(title: &str, o: &Outcome) {
             t.process, t.runs, t.at_capacity, t.store_errors, t.gave_up, t.max_in_process, t.elapsed_ms
         );
     }
-    println!("  max_concurrency across processes (recorded in Redis): {}", o.max_concurrency);
+    println!(
+        "  max_concurrency across processes (recorded in Redis): {}",
+        o.max_concurrency
+    );
 }
 
 async fn cleanup(url: &str, run_id: &str) {

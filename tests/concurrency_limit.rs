@@ -39,7 +39,11 @@ fn by_name(name: &&'static str) -> Result<Option<IdempotencyKey>, KeyError> {
 
 async fn zcard(server: &RedisServer, key: &str) -> i64 {
     let mut conn = raw_conn(server).await;
-    redis::cmd("ZCARD").arg(key).query_async(&mut conn).await.expect("ZCARD")
+    redis::cmd("ZCARD")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .expect("ZCARD")
 }
 
 /// Concurrency seen by the inner service: current and maximum.
@@ -66,7 +70,10 @@ impl Gauge {
 }
 
 /// An inner service that holds its slot until the test opens the gate.
-fn gated(gauge: Gauge, gate: Arc<Semaphore>) -> impl Service<&'static str, Response = (), Error = Infallible, Future: Send> + Clone {
+fn gated(
+    gauge: Gauge,
+    gate: Arc<Semaphore>,
+) -> impl Service<&'static str, Response = (), Error = Infallible, Future: Send> + Clone {
     tower::service_fn(move |_run: &'static str| {
         let (gauge, gate) = (gauge.clone(), gate.clone());
         async move {
@@ -85,7 +92,10 @@ where
 {
     let deadline = Instant::now() + within;
     while !check().await {
-        assert!(Instant::now() < deadline, "timed out after {within:?} waiting until {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting until {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -118,7 +128,11 @@ async fn at_most_n_holders_across_callers_and_two_connections() {
         async move { finished == CALLS - LIMIT }
     })
     .await;
-    assert_eq!(gauge.now(), LIMIT, "exactly the limit runs while the others are refused");
+    assert_eq!(
+        gauge.now(),
+        LIMIT,
+        "exactly the limit runs while the others are refused"
+    );
     assert_eq!(zcard(&server, &format!("limit:{KEY}")).await, LIMIT as i64);
     gate.add_permits(CALLS);
     let (mut ok, mut at_capacity) = (0, 0);
@@ -132,7 +146,10 @@ async fn at_most_n_holders_across_callers_and_two_connections() {
             }) => {
                 assert_eq!(key.as_str(), KEY);
                 assert_eq!(limit, LIMIT);
-                assert!(retry_after <= tower_idempotency::limit::DEFAULT_LEASE, "{retry_after:?}");
+                assert!(
+                    retry_after <= tower_idempotency::limit::DEFAULT_LEASE,
+                    "{retry_after:?}"
+                );
                 at_capacity += 1;
             }
             Err(other) => panic!("unexpected error: {other}"),
@@ -140,7 +157,11 @@ async fn at_most_n_holders_across_callers_and_two_connections() {
     }
     assert_eq!((ok, at_capacity), (LIMIT, CALLS - LIMIT));
     assert!(gauge.max() <= LIMIT, "max concurrency {} > limit {LIMIT}", gauge.max());
-    assert_eq!(zcard(&server, &format!("limit:{KEY}")).await, 0, "every slot was released");
+    assert_eq!(
+        zcard(&server, &format!("limit:{KEY}")).await,
+        0,
+        "every slot was released"
+    );
 }
 
 #[tokio::test]
@@ -165,9 +186,17 @@ async fn limit_chosen_per_request() {
         async move { n == 3 }
     })
     .await;
-    let err = svc.clone().oneshot(review).await.expect_err("a second review is over its limit of 1");
+    let err = svc
+        .clone()
+        .oneshot(review)
+        .await
+        .expect_err("a second review is over its limit of 1");
     assert!(matches!(err, LimitError::AtCapacity { limit: 1, .. }), "{err}");
-    let err = svc.clone().oneshot(fix).await.expect_err("a third fix is over its limit of 2");
+    let err = svc
+        .clone()
+        .oneshot(fix)
+        .await
+        .expect_err("a third fix is over its limit of 2");
     assert!(matches!(err, LimitError::AtCapacity { limit: 2, .. }), "{err}");
     gate.add_permits(10);
     for h in held {
@@ -177,7 +206,10 @@ async fn limit_chosen_per_request() {
     let zero = ConcurrencyLimitLayer::new(store(&server.url()).await, by_name)
         .with_limit_per_request(|_: &&'static str| 0)
         .layer(tower::service_fn(|_: &'static str| async { Ok::<_, Infallible>(()) }));
-    assert!(matches!(zero.oneshot(review).await, Err(LimitError::Misconfigured { .. })));
+    assert!(matches!(
+        zero.oneshot(review).await,
+        Err(LimitError::Misconfigured { .. })
+    ));
 }
 
 /// The store contract every backend must keep, run against Redis and memory.
@@ -210,7 +242,10 @@ async fn release_is_owner_checked<St: LimitStore>(store: &St, key: &str) {
     assert_eq!(store.acquire(key, &b, 2, lease).await.unwrap(), Acquire::Granted);
     // A resent acquire of a holder is granted without taking a second slot.
     assert_eq!(store.acquire(key, &a, 2, lease).await.unwrap(), Acquire::Granted);
-    assert!(!store.release(key, &stranger).await.unwrap(), "a stranger releases nothing");
+    assert!(
+        !store.release(key, &stranger).await.unwrap(),
+        "a stranger releases nothing"
+    );
     assert!(matches!(
         store.acquire(key, &stranger, 2, lease).await.unwrap(),
         Acquire::AtCapacity { .. }
@@ -246,7 +281,10 @@ async fn retry_after_is_the_time_until_the_earliest_lease_expires() {
     redis.acquire("k", &ClaimToken::generate(), 1, lease).await.unwrap();
     match redis.acquire("k", &ClaimToken::generate(), 1, lease).await.unwrap() {
         Acquire::AtCapacity { retry_after } => {
-            assert!(retry_after <= lease && retry_after > Duration::from_secs(5), "{retry_after:?}")
+            assert!(
+                retry_after <= lease && retry_after > Duration::from_secs(5),
+                "{retry_after:?}"
+            )
         }
         other => panic!("{other:?}"),
     }
@@ -264,7 +302,13 @@ async fn retry_after_is_the_time_until_the_earliest_lease_expires() {
 struct LostReplies(RedisStore);
 
 impl LimitStore for LostReplies {
-    async fn acquire(&self, key: &str, holder: &ClaimToken, limit: usize, lease: Duration) -> Result<Acquire, StoreError> {
+    async fn acquire(
+        &self,
+        key: &str,
+        holder: &ClaimToken,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Acquire, StoreError> {
         self.0.acquire(key, holder, limit, lease).await?;
         Err(StoreError::Timeout {
             operation: "limit_acquire",
@@ -333,7 +377,10 @@ async fn lost_acquire_reply_is_cleaned_up_by_an_owner_checked_release() {
     svc.clone().oneshot("warm-up").await.expect("warm-up call");
     let other = store(&server.url()).await;
     let bystander = ClaimToken::generate();
-    assert_eq!(other.acquire(KEY, &bystander, 2, lease).await.unwrap(), Acquire::Granted);
+    assert_eq!(
+        other.acquire(KEY, &bystander, 2, lease).await.unwrap(),
+        Acquire::Granted
+    );
 
     proxy.set_mode(Mode::LoseNextReply);
     let err = svc.clone().oneshot(KEY).await.expect_err("the reply was lost");
@@ -346,7 +393,10 @@ async fn lost_acquire_reply_is_cleaned_up_by_an_owner_checked_release() {
         async move { zcard(server, KEY).await == 1 }
     })
     .await;
-    assert!(other.renew(KEY, &bystander, lease).await.unwrap(), "the bystander still holds its slot");
+    assert!(
+        other.renew(KEY, &bystander, lease).await.unwrap(),
+        "the bystander still holds its slot"
+    );
     wait_until("the background cleanup finished", Duration::from_secs(30), || {
         let n = svc.background_tasks();
         async move { n == 0 }
@@ -375,7 +425,9 @@ async fn store_down_fails_closed_without_calling_the_inner_service() {
     }
     assert!(std::error::Error::source(&err).is_some(), "the cause is kept");
     assert_eq!(calls.get(), 0, "failed closed: the inner service was not called");
-    open.oneshot(KEY).await.expect("fail open: the call runs without a slot");
+    open.oneshot(KEY)
+        .await
+        .expect("fail open: the call runs without a slot");
     assert_eq!(calls.get(), 1);
 }
 
@@ -404,7 +456,10 @@ async fn renewal_keeps_a_holder_whose_run_is_longer_than_the_lease() {
     // For the whole run, three leases long, nobody else gets the slot.
     while !long.is_finished() {
         assert!(
-            matches!(probe.acquire(KEY, &token, 1, lease).await.unwrap(), Acquire::AtCapacity { .. }) || long.is_finished(),
+            matches!(
+                probe.acquire(KEY, &token, 1, lease).await.unwrap(),
+                Acquire::AtCapacity { .. }
+            ) || long.is_finished(),
             "the slot was lost while the run still held it"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -441,7 +496,10 @@ async fn call_whose_lease_ran_out_is_aborted_with_lease_lost() {
     server.freeze();
     let result = tokio::time::timeout(Duration::from_secs(30), call).await;
     server.thaw();
-    let err = result.expect("the call ends once its lease ran out").unwrap().expect_err("aborted");
+    let err = result
+        .expect("the call ends once its lease ran out")
+        .unwrap()
+        .expect_err("aborted");
     assert!(err.is_lease_lost(), "{err}");
     // The late renewals did not bring the holder back: the slot is free.
     let probe = store(&server.url()).await;
@@ -534,7 +592,10 @@ async fn http_at_capacity_is_429_with_retry_after() {
     assert_eq!(problem["limit"], 1);
     assert_eq!(problem["key"], "project-1:work-item-42:review");
     // Another work item is not limited by this one.
-    let other = tokio::spawn(app.clone().oneshot(Request::post("/runs/work-item-7").body(Body::empty()).unwrap()));
+    let other = tokio::spawn(
+        app.clone()
+            .oneshot(Request::post("/runs/work-item-7").body(Body::empty()).unwrap()),
+    );
     gate.add_permits(2);
     assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
     assert_eq!(other.await.unwrap().unwrap().status(), StatusCode::OK);
@@ -546,7 +607,10 @@ fn futures_are_send_and_static() {
     fn assert_send_static<T: Send + 'static>(_: &T) {}
     let svc = ConcurrencyLimitLayer::new(MemoryLimitStore::new(), by_name)
         .layer(tower::service_fn(|_: &'static str| async { Ok::<_, Infallible>(()) }));
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let fut = svc.oneshot(KEY);
         assert_send_static(&fut);
@@ -561,7 +625,13 @@ struct SlowAcquire {
 }
 
 impl LimitStore for SlowAcquire {
-    async fn acquire(&self, key: &str, holder: &ClaimToken, limit: usize, lease: Duration) -> Result<Acquire, StoreError> {
+    async fn acquire(
+        &self,
+        key: &str,
+        holder: &ClaimToken,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Acquire, StoreError> {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let answer = self.inner.acquire(key, holder, limit, lease).await;
         self.landed.fetch_add(1, Ordering::SeqCst);
@@ -619,12 +689,18 @@ fn outcomes_are_counted_by_layer_and_outcome_never_by_key() {
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     metrics::with_local_recorder(&recorder, || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             let store = MemoryLimitStore::new();
             let holder = ClaimToken::generate();
             // Someone else holds the only slot of "busy".
-            store.acquire("busy", &holder, 1, Duration::from_secs(60)).await.unwrap();
+            store
+                .acquire("busy", &holder, 1, Duration::from_secs(60))
+                .await
+                .unwrap();
             let svc = ConcurrencyLimitLayer::new(Arc::new(store), by_name)
                 .with_name("agent-runs")
                 .layer(tower::service_fn(|_: &'static str| async { Ok::<_, Infallible>(()) }));
@@ -638,7 +714,11 @@ fn outcomes_are_counted_by_layer_and_outcome_never_by_key() {
         .into_iter()
         .filter(|(key, ..)| key.key().name() == "idempotency.limit.outcomes")
         .filter_map(|(key, _, _, value)| {
-            let labels: Vec<_> = key.key().labels().map(|l| (l.key().to_owned(), l.value().to_owned())).collect();
+            let labels: Vec<_> = key
+                .key()
+                .labels()
+                .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                .collect();
             assert!(labels.iter().all(|(k, _)| k == "layer" || k == "outcome"), "{labels:?}");
             assert!(labels.contains(&("layer".into(), "agent-runs".into())), "{labels:?}");
             let outcome = labels.into_iter().find(|(k, _)| k == "outcome")?.1;
@@ -649,5 +729,9 @@ fn outcomes_are_counted_by_layer_and_outcome_never_by_key() {
         })
         .collect();
     let get = |o: &str| counts.iter().find(|(name, _)| name == o).map_or(0, |(_, n)| *n);
-    assert_eq!((get("granted"), get("released"), get("at_capacity")), (1, 1, 1), "{counts:?}");
+    assert_eq!(
+        (get("granted"), get("released"), get("at_capacity")),
+        (1, 1, 1),
+        "{counts:?}"
+    );
 }

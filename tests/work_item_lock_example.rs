@@ -27,7 +27,16 @@ fn final_line_value(line: &str, name: &str) -> usize {
 fn example_exits_zero_with_max_concurrency_within_the_limit() {
     let server = RedisServer::start();
     let out = Command::new(example_binary("work_item_lock"))
-        .args(["--redis", &server.url(), "--processes", "2", "--jobs", "10", "--run-ms", "20"])
+        .args([
+            "--redis",
+            &server.url(),
+            "--processes",
+            "2",
+            "--jobs",
+            "10",
+            "--run-ms",
+            "20",
+        ])
         .env_remove("REDIS_URL")
         .output()
         .expect("run the example");
@@ -54,7 +63,15 @@ fn killed_holder_process_gets_its_slots_back_after_the_lease_and_not_before() {
     let lease = Duration::from_secs(6);
     // A holder process: two runs that hold both slots for ten minutes, renewing every 2 s.
     let mut holder = Command::new(example_binary("work_item_lock"))
-        .args(["--child", "--gate", "redis", "--redis", &server.url(), "--run-id", "kill-test"])
+        .args([
+            "--child",
+            "--gate",
+            "redis",
+            "--redis",
+            &server.url(),
+            "--run-id",
+            "kill-test",
+        ])
         .args(["--process", "1", "--jobs", "2", "--limit", "2", "--run-ms", "600000"])
         .args(["--lease-ms", &lease.as_millis().to_string()])
         .stdin(Stdio::piped())
@@ -63,7 +80,11 @@ fn killed_holder_process_gets_its_slots_back_after_the_lease_and_not_before() {
         .expect("spawn the holder");
     let key = "work-item-lock:{kill-test}:redis:limit:project-1:work-item-42:review";
     let mut ready = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()), &mut ready).unwrap();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
     assert_eq!(ready.trim(), "READY");
     holder.stdin.as_mut().unwrap().write_all(b"GO\n").unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -77,7 +98,10 @@ fn killed_holder_process_gets_its_slots_back_after_the_lease_and_not_before() {
     let killed = Instant::now();
     holder.wait().unwrap();
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let store = RedisStore::connect(server.url()).await.unwrap();
         let me = ClaimToken::generate();
@@ -101,7 +125,11 @@ fn killed_holder_process_gets_its_slots_back_after_the_lease_and_not_before() {
         // Its last renewal was at most one renewal interval (a third of the lease) before the
         // kill, so the leases ran on for at least two thirds of a lease; a third is a bound
         // that a late renewal on a loaded machine cannot break.
-        assert!(killed.elapsed() >= lease / 3, "slots back too early: {:?}", killed.elapsed());
+        assert!(
+            killed.elapsed() >= lease / 3,
+            "slots back too early: {:?}",
+            killed.elapsed()
+        );
         assert_eq!(
             store.acquire(key, &ClaimToken::generate(), 2, lease).await.unwrap(),
             Acquire::Granted,

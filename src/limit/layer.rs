@@ -187,7 +187,10 @@ impl<X, L> fmt::Debug for ConcurrencyLimitLayer<X, L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ConcurrencyLimitLayer")
             .field("settings", &self.settings)
-            .field("limit", &self.fixed_limit.map_or("per request".to_owned(), |n| n.to_string()))
+            .field(
+                "limit",
+                &self.fixed_limit.map_or("per request".to_owned(), |n| n.to_string()),
+            )
             .finish_non_exhaustive()
     }
 }

@@ -247,7 +247,9 @@ async fn clean_up(
 pub(crate) enum Decision {
     /// Run the call; with a permit, unless the store failed and the layer fails open.
     Run(Option<Permit>),
-    AtCapacity { retry_after: Duration },
+    AtCapacity {
+        retry_after: Duration,
+    },
     Unavailable(StoreError),
 }
 

@@ -122,7 +122,12 @@ pub(crate) trait ErasedLimitStore: Send + Sync + 'static {
         limit: usize,
         lease: Duration,
     ) -> BoxFuture<Result<Acquire, StoreError>>;
-    fn renew(self: Arc<Self>, key: Arc<str>, holder: ClaimToken, lease: Duration) -> BoxFuture<Result<bool, StoreError>>;
+    fn renew(
+        self: Arc<Self>,
+        key: Arc<str>,
+        holder: ClaimToken,
+        lease: Duration,
+    ) -> BoxFuture<Result<bool, StoreError>>;
     fn release(self: Arc<Self>, key: Arc<str>, holder: ClaimToken) -> BoxFuture<Result<bool, StoreError>>;
     fn max_lease(&self) -> Duration;
 }
@@ -137,7 +142,12 @@ impl<T: LimitStore> ErasedLimitStore for T {
     ) -> BoxFuture<Result<Acquire, StoreError>> {
         Box::pin(async move { LimitStore::acquire(&*self, &key, &holder, limit, lease).await })
     }
-    fn renew(self: Arc<Self>, key: Arc<str>, holder: ClaimToken, lease: Duration) -> BoxFuture<Result<bool, StoreError>> {
+    fn renew(
+        self: Arc<Self>,
+        key: Arc<str>,
+        holder: ClaimToken,
+        lease: Duration,
+    ) -> BoxFuture<Result<bool, StoreError>> {
         Box::pin(async move { LimitStore::renew(&*self, &key, &holder, lease).await })
     }
     fn release(self: Arc<Self>, key: Arc<str>, holder: ClaimToken) -> BoxFuture<Result<bool, StoreError>> {
