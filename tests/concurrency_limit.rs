@@ -735,3 +735,28 @@ fn outcomes_are_counted_by_layer_and_outcome_never_by_key() {
         "{counts:?}"
     );
 }
+
+/// Without renewal, a call that outlives its lease has lost its slot: aborted by default, let
+/// finish under `LostLeasePolicy::Continue`. (Memory store, paused clock: no real waiting.)
+#[tokio::test(start_paused = true)]
+async fn without_renewal_a_call_longer_than_its_lease_loses_its_slot() {
+    let slow = || {
+        tower::service_fn(|_: &'static str| async {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            Ok::<_, Infallible>("finished")
+        })
+    };
+    let layer = ConcurrencyLimitLayer::new(Arc::new(MemoryLimitStore::new()), by_name)
+        .with_lease(Duration::from_secs(1))
+        .without_renewal()
+        .build()
+        .expect("valid settings");
+    let err = layer.clone().layer(slow()).oneshot(KEY).await.unwrap_err();
+    assert!(err.is_lease_lost(), "{err}");
+    let finished = layer
+        .with_lost_lease_policy(LostLeasePolicy::Continue)
+        .layer(slow())
+        .oneshot(KEY)
+        .await;
+    assert_eq!(finished.unwrap(), "finished");
+}

@@ -270,8 +270,9 @@ impl<X, L> ConcurrencyLimitLayer<X, L> {
         self
     }
 
-    /// No renewal: a call longer than the lease loses its slot (see
-    /// [`with_lost_lease_policy`](Self::with_lost_lease_policy)).
+    /// No renewal: a call longer than the lease loses its slot when the lease runs out, and is
+    /// aborted (or let finish: see [`with_lost_lease_policy`](Self::with_lost_lease_policy)).
+    /// For calls known to be shorter than the lease; saves the renewal round trips.
     pub fn without_renewal(mut self) -> Self {
         self.settings.renewal = Some(None);
         self

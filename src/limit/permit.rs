@@ -355,38 +355,38 @@ pub(crate) struct Permit {
     key: IdempotencyKey,
     full_key: Arc<str>,
     holder: ClaimToken,
-    /// A lower bound of when the lease expires in the store: the send time of the last acquire
-    /// or renewal that the store confirmed, plus the lease.
-    expires: Instant,
+    /// Fires when the lease runs out without a confirmed renewal: the send time of the last
+    /// acquire or renewal the store confirmed, plus the lease — never later than the store's
+    /// own expiry, which counted from when the command ran.
+    deadline: Pin<Box<Sleep>>,
     renewal: Option<Renewal>,
+    /// The lease was lost (and the policy let the call go on).
+    lost: bool,
     released: bool,
 }
 
 struct Renewal {
     every: Duration,
     next: Pin<Box<Sleep>>,
-    /// Fires when the lease runs out without a confirmed renewal.
-    deadline: Pin<Box<Sleep>>,
     in_flight: Option<(BoxFuture<Result<bool, StoreError>>, Instant)>,
 }
 
 impl Permit {
     fn new(acquiring: &Acquiring) -> Self {
         let shared = acquiring.shared.clone();
-        let expires = acquiring.sent_at + shared.settings.lease;
         let renewal = shared.renewal.map(|every| Renewal {
             every,
             next: Box::pin(tokio::time::sleep_until(acquiring.sent_at + every)),
-            deadline: Box::pin(tokio::time::sleep_until(expires)),
             in_flight: None,
         });
         Self {
+            deadline: Box::pin(tokio::time::sleep_until(acquiring.sent_at + shared.settings.lease)),
             shared,
             key: acquiring.key.clone(),
             full_key: acquiring.full_key.clone(),
             holder: acquiring.holder.clone(),
-            expires,
             renewal,
+            lost: false,
             released: false,
         }
     }
@@ -395,19 +395,21 @@ impl Permit {
         &self.key
     }
 
-    /// Drives renewal; ready when the lease is lost and the policy says to abort.
+    /// Drives renewal and watches the lease; ready when the lease is lost and the policy says
+    /// to abort.
     pub(crate) fn poll_abort(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let lease = self.shared.settings.lease;
-        let Some(renewal) = self.renewal.as_mut() else {
+        if self.lost {
             return Poll::Pending;
-        };
+        }
+        let lease = self.shared.settings.lease;
         let lost = loop {
-            if let Some((fut, sent_at)) = renewal.in_flight.as_mut() {
+            if let Some(renewal) = self.renewal.as_mut()
+                && let Some((fut, sent_at)) = renewal.in_flight.as_mut()
+            {
                 match fut.as_mut().poll(cx) {
                     Poll::Ready(Ok(true)) => {
-                        self.expires = *sent_at + lease;
-                        let next = *sent_at + renewal.every;
-                        renewal.deadline.as_mut().reset(self.expires);
+                        let (expires, next) = (*sent_at + lease, *sent_at + renewal.every);
+                        self.deadline.as_mut().reset(expires);
                         renewal.next.as_mut().reset(next);
                         renewal.in_flight = None;
                     }
@@ -421,10 +423,17 @@ impl Permit {
                     Poll::Pending => {}
                 }
             }
-            if renewal.deadline.as_mut().poll(cx).is_ready() {
-                break "the lease ran out before a renewal was confirmed";
+            if self.deadline.as_mut().poll(cx).is_ready() {
+                break if self.renewal.is_some() {
+                    "the lease ran out before a renewal was confirmed"
+                } else {
+                    "the lease ran out (renewal is off)"
+                };
             }
-            if renewal.in_flight.is_none() && renewal.next.as_mut().poll(cx).is_ready() {
+            if let Some(renewal) = self.renewal.as_mut()
+                && renewal.in_flight.is_none()
+                && renewal.next.as_mut().poll(cx).is_ready()
+            {
                 let fut = self
                     .shared
                     .settings
@@ -437,6 +446,7 @@ impl Permit {
             return Poll::Pending;
         };
         // Lost: stop renewing either way.
+        self.lost = true;
         self.renewal = None;
         self.shared.count(LimitOutcome::LeaseLost);
         match self.shared.settings.lost_lease {
