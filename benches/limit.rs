@@ -220,6 +220,7 @@ fn main() {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
     println!("# {redis_version}");
+    println!("# loadavg at start: {}", loadavg());
     let server = redis_server::RedisServer::start();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -263,5 +264,13 @@ fn main() {
             }
         }
     });
+    println!("# loadavg at end: {}", loadavg());
     drop(server);
+}
+
+/// The machine's load averages (1, 5, 15 min): how busy other processes kept the 2 cores.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
 }
