@@ -383,6 +383,7 @@ async fn lost_acquire_reply_is_cleaned_up_by_an_owner_checked_release() {
     );
 
     proxy.set_mode(Mode::LoseNextReply);
+    let lost_at = Instant::now();
     let err = svc.clone().oneshot(KEY).await.expect_err("the reply was lost");
     assert!(err.is_store_unavailable(), "{err}");
     assert_eq!(proxy.replies_lost(), 1);
@@ -393,6 +394,10 @@ async fn lost_acquire_reply_is_cleaned_up_by_an_owner_checked_release() {
         async move { zcard(server, KEY).await == 1 }
     })
     .await;
+    println!(
+        "phantom removed {:?} after the lost reply (lease {lease:?})",
+        lost_at.elapsed()
+    );
     assert!(
         other.renew(KEY, &bystander, lease).await.unwrap(),
         "the bystander still holds its slot"
@@ -494,7 +499,12 @@ async fn call_whose_lease_ran_out_is_aborted_with_lease_lost() {
     .await;
     // Renewals cannot get through while Redis hangs, so the lease runs out.
     server.freeze();
+    let frozen_at = Instant::now();
     let result = tokio::time::timeout(Duration::from_secs(30), call).await;
+    println!(
+        "call aborted {:?} after Redis froze (lease {lease:?})",
+        frozen_at.elapsed()
+    );
     server.thaw();
     let err = result
         .expect("the call ends once its lease ran out")
