@@ -770,3 +770,38 @@ async fn without_renewal_a_call_longer_than_its_lease_loses_its_slot() {
         .await;
     assert_eq!(finished.unwrap(), "finished");
 }
+
+/// On Redis Cluster every limit command touches one key, so keys on every primary work, and
+/// two cluster connections share one limit.
+#[cfg(feature = "redis-cluster")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_works_on_redis_cluster_across_nodes() {
+    use common::redis_cluster::RedisCluster;
+    let cluster = RedisCluster::start();
+    let connect = || async {
+        RedisStore::cluster_builder(cluster.urls())
+            .timeout(Duration::from_secs(1))
+            .connect()
+            .await
+            .expect("connect to the test cluster")
+    };
+    let (a, b) = (connect().await, connect().await);
+    let lease = Duration::from_secs(60);
+    for node in 0..3 {
+        for key in cluster.keys_on(node, "limit:", 2) {
+            let (first, second, third) = (ClaimToken::generate(), ClaimToken::generate(), ClaimToken::generate());
+            assert_eq!(a.acquire(&key, &first, 2, lease).await.unwrap(), Acquire::Granted);
+            assert_eq!(b.acquire(&key, &second, 2, lease).await.unwrap(), Acquire::Granted);
+            assert!(matches!(
+                b.acquire(&key, &third, 2, lease).await.unwrap(),
+                Acquire::AtCapacity { .. }
+            ));
+            assert!(a.renew(&key, &first, lease).await.unwrap());
+            assert!(
+                b.release(&key, &first).await.unwrap(),
+                "release is by holder, not connection"
+            );
+            assert_eq!(a.acquire(&key, &third, 2, lease).await.unwrap(), Acquire::Granted);
+        }
+    }
+}
