@@ -14,6 +14,11 @@
 //! Each task has its own key, so every acquire is granted (the expensive path: `ZADD` and
 //! `PEXPIREAT`); the `one` pattern puts every task on one key with limit C.
 //!
+//! Every `RESULT` line has ops/s (one op = acquire + release: two round trips) per
+//! implementation, their ratios to `raw`, and the CPU time this process (client, runtime,
+//! connection driver; not Redis) spent per op, which other processes' load disturbs less than
+//! throughput.
+//!
 //! Run: `cargo bench --bench limit`. Options (after `--`): `--seconds S` (default 2), `--rounds
 //! R` (default 2), `--conc 1,16,64`. Unknown arguments (cargo adds `--bench`) are ignored.
 
@@ -171,6 +176,23 @@ async fn task_loop(
     (ok, other)
 }
 
+/// CPU time this process has used so far (user + system), from `/proc/self/stat`; zero where
+/// that file does not exist.
+fn process_cpu() -> Duration {
+    let ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which may contain spaces) start after ") ".
+            let rest = s.rsplit_once(") ")?.1.to_owned();
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name.
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    // Clock ticks are 1/100 s on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
 async fn run(imp: Impl, pattern: Pattern, c: usize, secs: f64, run_id: u64, store: &RedisStore) -> (f64, u64, u64) {
     let limit = match pattern {
         Pattern::PerTask => 1,
@@ -237,11 +259,14 @@ fn main() {
         for pattern in [Pattern::PerTask, Pattern::One] {
             for &c in &args.conc {
                 let mut totals = [(0.0f64, 0u64, 0u64); 3];
+                let mut cpu = [Duration::ZERO; 3];
                 for round in 0..args.rounds {
                     for k in 0..impls.len() {
                         let i = (k + round) % impls.len();
                         run_id += 1;
+                        let cpu_before = process_cpu();
                         let (secs, ok, other) = run(impls[i], pattern, c, args.seconds, run_id, &store).await;
+                        cpu[i] += process_cpu().saturating_sub(cpu_before);
                         totals[i].0 += secs;
                         totals[i].1 += ok;
                         totals[i].2 += other;
@@ -254,12 +279,16 @@ fn main() {
                     }
                 }
                 let rate = |i: usize| (totals[i].1 + totals[i].2) as f64 / totals[i].0;
+                let cpu_us = |i: usize| cpu[i].as_secs_f64() * 1e6 / (totals[i].1 + totals[i].2).max(1) as f64;
                 let (raw, store_rate, layer) = (rate(0), rate(1), rate(2));
                 println!(
-                    "RESULT keys={} c={c} raw={raw:.0} store={store_rate:.0} layer={layer:.0} store/raw={:.3} layer/raw={:.3}",
+                    "RESULT keys={} c={c} raw={raw:.0} store={store_rate:.0} layer={layer:.0} store/raw={:.3} layer/raw={:.3} cpu_us_per_op raw={:.1} store={:.1} layer={:.1}",
                     pattern.name(),
                     store_rate / raw,
-                    layer / raw
+                    layer / raw,
+                    cpu_us(0),
+                    cpu_us(1),
+                    cpu_us(2)
                 );
             }
         }
