@@ -805,3 +805,51 @@ async fn limit_works_on_redis_cluster_across_nodes() {
         }
     }
 }
+
+/// `LimitResponseLayer` outside the limit: an axum router takes it as it is (no
+/// `HandleErrorLayer`), at capacity answers 429, and the handler's own answers pass through.
+#[tokio::test]
+async fn limit_response_layer_drops_into_an_axum_router() {
+    use axum::body::Body;
+    use http::{Request, StatusCode};
+    use tower_idempotency::limit::LimitResponseLayer;
+
+    let server = RedisServer::start();
+    let gate = Arc::new(Semaphore::new(0));
+    let limit = ConcurrencyLimitLayer::new(store(&server.url()).await, |req: &Request<Body>| {
+        IdempotencyKey::new(req.uri().path()).map(Some)
+    })
+    .with_limit(1)
+    .build()
+    .expect("valid settings");
+    let g = gate.clone();
+    let app: axum::Router = axum::Router::new()
+        .route(
+            "/runs/{item}",
+            axum::routing::post(move || {
+                let g = g.clone();
+                async move {
+                    let _ = g.acquire().await.map(|p| p.forget());
+                    (StatusCode::ACCEPTED, "ran")
+                }
+            }),
+        )
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(LimitResponseLayer::new())
+                .layer(limit),
+        );
+    let post = || Request::post("/runs/work-item-42").body(Body::empty()).unwrap();
+    let first = tokio::spawn(app.clone().oneshot(post()));
+    wait_until("the first run holds the slot", Duration::from_secs(20), || {
+        let server = &server;
+        async move { zcard(server, "/runs/work-item-42").await == 1 }
+    })
+    .await;
+    let refused = app.clone().oneshot(post()).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(refused.headers().contains_key("retry-after"));
+    assert_eq!(refused.headers()["content-type"], "application/problem+json");
+    gate.add_permits(1);
+    assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::ACCEPTED);
+}

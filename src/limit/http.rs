@@ -132,3 +132,125 @@ mod tests {
         assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
     }
 }
+
+/// Answers the limit's short-circuits with [`http_response`] instead of an error, so a
+/// [`ConcurrencyLimit`](super::ConcurrencyLimit) drops into an axum router (whose services must
+/// not fail) without a `HandleErrorLayer`: put it **outside** the limit layer. The inner
+/// service's own errors pass through unchanged.
+///
+/// ```
+/// use std::time::Duration;
+/// use axum::{Router, routing::post};
+/// use tower::ServiceBuilder;
+/// use tower_idempotency::IdempotencyKey;
+/// use tower_idempotency::limit::{ConcurrencyLimitLayer, LimitResponseLayer, MemoryLimitStore};
+///
+/// // In production, a `RedisStore` shared by every instance.
+/// let limit = ConcurrencyLimitLayer::new(MemoryLimitStore::new(), |req: &http::Request<axum::body::Body>| {
+///     IdempotencyKey::new(req.uri().path()).map(Some)
+/// })
+/// .with_limit(2)
+/// .with_lease(Duration::from_secs(60))
+/// .build()
+/// .expect("valid settings");
+/// let app: Router = Router::new()
+///     .route("/runs/{item}", post(|| async { "started" }))
+///     .layer(ServiceBuilder::new().layer(LimitResponseLayer::new()).layer(limit));
+/// # let _ = app;
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LimitResponseLayer {
+    _private: (),
+}
+
+impl LimitResponseLayer {
+    /// The layer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl<S> tower::Layer<S> for LimitResponseLayer {
+    type Service = LimitResponse<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        LimitResponse { inner }
+    }
+}
+
+/// The service of [`LimitResponseLayer`].
+#[derive(Debug, Clone)]
+pub struct LimitResponse<S> {
+    inner: S,
+}
+
+impl<S> LimitResponse<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Consumes this service, returning the inner one.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, Req, ResBody, E> tower::Service<Req> for LimitResponse<S>
+where
+    S: tower::Service<Req, Response = Response<ResBody>, Error = LimitError<E>>,
+    ResBody: From<Bytes>,
+{
+    type Response = Response<ResBody>;
+    type Error = E;
+    type Future = LimitResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), E>> {
+        // The limit's `poll_ready` fails only with the inner service's error. Any other error
+        // is answered by the next call, which meets it again when it is sent.
+        match self.inner.poll_ready(cx) {
+            std::task::Poll::Ready(Err(LimitError::Inner(e))) => std::task::Poll::Ready(Err(e)),
+            std::task::Poll::Ready(_) => std::task::Poll::Ready(Ok(())),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        LimitResponseFuture {
+            fut: self.inner.call(req),
+        }
+    }
+}
+
+/// Response future of [`LimitResponse`].
+#[pin_project::pin_project]
+#[derive(Debug)]
+pub struct LimitResponseFuture<F> {
+    #[pin]
+    fut: F,
+}
+
+impl<F, ResBody, E> std::future::Future for LimitResponseFuture<F>
+where
+    F: std::future::Future<Output = Result<Response<ResBody>, LimitError<E>>>,
+    ResBody: From<Bytes>,
+{
+    type Output = Result<Response<ResBody>, E>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let answer = std::task::ready!(self.project().fut.poll(cx));
+        std::task::Poll::Ready(match answer {
+            Ok(response) => Ok(response),
+            Err(LimitError::Inner(e)) => Err(e),
+            Err(short_circuit) => Ok(match http_response(&short_circuit) {
+                Some(response) => response.map(ResBody::from),
+                // Unreachable: only the inner error has no response.
+                None => {
+                    let mut response = Response::new(ResBody::from(Bytes::new()));
+                    *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                    response
+                }
+            }),
+        })
+    }
+}

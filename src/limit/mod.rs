@@ -9,7 +9,8 @@
 //! [`ConcurrencyLimitLayer`] acquires one of the key's N slots before the inner service runs,
 //! renews its lease while the call runs, and releases it, owner-checked, when the call is done.
 //! Over the limit, the call is short-circuited with [`LimitError::AtCapacity`] (a queue consumer
-//! leaves the job for a retry; over HTTP, [`http_response`] answers `429` with `Retry-After`).
+//! leaves the job for a retry; over HTTP, `LimitResponseLayer` (feature `http`) answers `429`
+//! with `Retry-After`, see `http_response`).
 //!
 //! # Example
 //!
@@ -109,7 +110,7 @@ mod store;
 pub use error::{LimitConfigError, LimitError};
 pub use future::ResponseFuture;
 #[cfg(feature = "http")]
-pub use http::http_response;
+pub use http::{LimitResponse, LimitResponseFuture, LimitResponseLayer, http_response};
 pub use layer::{ChooseLimit, ConcurrencyLimitLayer, DEFAULT_LEASE, LostLeasePolicy};
 pub use memory::MemoryLimitStore;
 #[cfg(feature = "redis")]
