@@ -206,8 +206,9 @@ where
     type Future = LimitResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), E>> {
-        // The limit's `poll_ready` fails only with the inner service's error. Any other error
-        // is answered by the next call, which meets it again when it is sent.
+        // `ConcurrencyLimit::poll_ready` fails only with the inner service's error; the
+        // short-circuits are decided per call, and answered by the call's future. (Another
+        // variant here, from some other service, is treated as ready: the call then answers.)
         match self.inner.poll_ready(cx) {
             std::task::Poll::Ready(Err(LimitError::Inner(e))) => std::task::Poll::Ready(Err(e)),
             std::task::Poll::Ready(_) => std::task::Poll::Ready(Ok(())),
