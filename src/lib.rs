@@ -40,6 +40,10 @@
 //! # }
 //! ```
 //!
+//! The same store also carries a **distributed concurrency limit** ([`limit`],
+//! [`ConcurrencyLimitLayer`]): at most N concurrent calls per key across processes, with leases
+//! on the Redis server's clock.
+//!
 //! # Features
 //! - `redis` (default): [`RedisStore`].
 //! - `redis-cluster`: `RedisStore` over a cluster connection.
@@ -63,6 +67,7 @@ pub mod http;
 mod key;
 mod layer;
 mod lease_handle;
+pub mod limit;
 pub mod observe;
 mod protocol;
 mod report;
@@ -77,6 +82,7 @@ pub use future::ResponseFuture;
 pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
 pub use layer::IdempotencyLayer;
 pub use lease_handle::LeaseHandle;
+pub use limit::{ConcurrencyLimit, ConcurrencyLimitLayer, LimitError};
 pub use report::{DEFAULT_REPORT_INTERVAL, DEFAULT_SENTRY_TAG};
 pub use service::Idempotency;
 pub use settings::{
