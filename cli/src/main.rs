@@ -311,8 +311,9 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The JSON form of one key. `ttl_ms` is `null` for a key without expiry; `age_ms`,
-/// `fencing_token` and `outcome_bytes` are `null` because claims do not store them.
+/// The JSON form of one key. `ttl_ms` is `null` for a key without expiry; `age_ms` is `null`
+/// (records do not store it), `fencing_token` when the claim has none (fencing off) and
+/// `outcome_bytes` when no outcome is stored.
 fn to_json(info: &KeyInfo, released: Option<bool>) -> serde_json::Value {
     let mut v = json!({
         "key": info.key,
@@ -363,9 +364,11 @@ fn print_one(info: &KeyInfo, json: bool, released: Option<bool>) {
         writeln!(out, "{}", to_json(info, released))
     } else {
         let not_stored = "not stored";
+        let fence = info.fencing_token.map_or_else(|| "none (fencing off)".to_owned(), |f| f.to_string());
+        let outcome = info.outcome_size.map_or_else(|| "none".to_owned(), |n| format!("{n} bytes"));
         writeln!(
             out,
-            "key:           {}\nstate:         {}\nowner:         {}\ntime left:     {}\nage:           {not_stored}\nfencing token: {not_stored}\noutcome size:  {not_stored}{}",
+            "key:           {}\nstate:         {}\nowner:         {}\ntime left:     {}\nage:           {not_stored}\nfencing token: {fence}\noutcome size:  {outcome}{}",
             info.key.escape_debug(),
             info.state.as_str(),
             info.owner.as_deref().unwrap_or("-").escape_debug(),

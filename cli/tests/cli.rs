@@ -460,3 +460,32 @@ fn every_command_works_under_the_operator_acl_from_security_md() {
     assert_eq!(code(&out), 2, "{}", stderr(&out));
     assert!(stderr(&out).contains("NoPerm"), "{}", stderr(&out));
 }
+
+#[test]
+fn show_and_list_report_a_completed_record_with_its_outcome_size_and_fencing_token() {
+    let server = RedisServer::start();
+    // A completed record, as the layer writes it (see `store::Record`): owner `owner:1-0`,
+    // fencing token 42, a 9-byte stored outcome.
+    server.cli(&[
+        "SET",
+        "review:done",
+        "\u{1e}owner:1-0\u{1f}c1700000000000\u{1f}n42\u{1e}{\"id\":7}",
+        "PX",
+        "60000",
+    ]);
+    let out = run(&["list", "--redis", &server.url(), "--namespace", "review:", "--json"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let lines = json_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["state"], "completed");
+    assert_eq!(lines[0]["owner"], "owner:1-0");
+    assert_eq!(lines[0]["fencing_token"], 42);
+    assert_eq!(lines[0]["outcome_bytes"], 8);
+
+    let out = run(&["show", "done", "--redis", &server.url(), "--namespace", "review:"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("state:         completed"), "{text}");
+    assert!(text.contains("fencing token: 42"), "{text}");
+    assert!(text.contains("outcome size:  8 bytes"), "{text}");
+}

@@ -5,8 +5,8 @@
 //! tool (`cli/` in the repository). A key is one Redis string `<namespace><key>` holding a
 //! [`Record`](super::Record) (see [`store::Record`](super::Record) for the format) with a `PX`
 //! expiry: in progress or completed, its owner, and a stored outcome. A [`KeyInfo`] reports the
-//! state, the **owner**, the **time left** (`PTTL`) and the size of a stored outcome; the
-//! claim's age and a fencing token are not stored and are reported as absent (`None`).
+//! state, the **owner**, the **time left** (`PTTL`), the size of a stored outcome and the
+//! fencing token; the claim's age is not stored and is reported as absent (`None`).
 //!
 //! # Example
 //!
@@ -69,10 +69,9 @@ impl KeyState {
 
 /// One key as [`RedisStore::inspect`] and [`RedisStore::list`] see it.
 ///
-/// `key`, `state`, `owner`, `time_left` and `outcome_size` are read from Redis. `age` and
-/// `fencing_token` are always `None` today: a record does not store when it was claimed or a
-/// fencing counter. They are here so callers (and the tool's JSON, where they are `null`) do
-/// not change shape when records carry them.
+/// `key`, `state`, `owner`, `time_left`, `outcome_size` and `fencing_token` are read from Redis.
+/// `age` is always `None` today: a record does not store when it was claimed. It is here so
+/// callers (and the tool's JSON, where it is `null`) do not change shape when records carry it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct KeyInfo {
@@ -89,7 +88,8 @@ pub struct KeyInfo {
     pub time_left: Option<Duration>,
     /// How long ago the claim was taken. Not stored: always `None`.
     pub age: Option<Duration>,
-    /// A fencing token for the claim. Not stored: always `None`.
+    /// The claim's fencing token, when the layer that claimed it had fencing on
+    /// (`with_fencing`); else `None`.
     pub fencing_token: Option<u64>,
     /// Size in bytes of the outcome stored with a completed record; `None` when there is none.
     pub outcome_size: Option<u64>,
@@ -346,6 +346,7 @@ where
                 };
                 let mut info = key_info(display, state, Some(record.owner().to_owned()), pttl);
                 info.outcome_size = outcome_size;
+                info.fencing_token = record.fencing_token();
                 Some(info)
             }
         })
