@@ -80,7 +80,7 @@ async fn sleep_until_ms(at: u64) {
 
 async fn child(role: &str, url: &str, start: u64) {
     let store = RedisStore::connect(url).await.expect("child: connect");
-    let mut conn = store.connection();
+    let conn = store.connection();
     let layer = IdempotencyLayer::new(store, |_: &String| -> Result<_, KeyError> {
         IdempotencyKey::new(KEY).map(Some)
     })
