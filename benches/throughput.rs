@@ -7,8 +7,16 @@
 //!   [`ConnectionManager`](redis::aio::ConnectionManager) (one multiplexed connection);
 //! - `store`: C tasks looping `RedisStore::claim` on that same connection;
 //! - `layer`: C tasks looping calls through `IdempotencyLayer::with_coalescing(true)` around a
-//!   trivial service (this is the `layer=` figure of the `RESULT` line);
-//! - `layer_nc`: the same layer without coalescing;
+//!   trivial service (this is the `layer=` figure of the `RESULT` line). Built with
+//!   `.with_records(false)`: the **claim-only** path, one round trip per call (records are on by
+//!   default, and completing a record is a second round trip, measured by `layer_rec`);
+//! - `layer_nc`: the same claim-only layer without coalescing;
+//! - `raw2`: the record arm's baseline, two commands per call on the same connection:
+//!   `SET key token NX PX ttl`, then — only when that returned `OK` — `SET key <record> XX PX
+//!   ttl` (what a claim plus a completion costs done by hand);
+//! - `layer_rec`: the layer with records on (the default) and coalescing, around the same
+//!   trivial service: claim, then complete the record (the `layer=` figure of the `RECORD`
+//!   line);
 //! - `ioredis`: the seed's TypeScript claim (`../shared/bench/ioredis-claim`), when `node` and
 //!   `npm` are available.
 //!
@@ -16,8 +24,9 @@
 //! - `--seconds S` (default 2): length of one measured run;
 //! - `--rounds R` (default 2): runs per implementation, interleaved (the order rotates each
 //!   round), summed; the ioredis row runs once for `S * R` seconds;
-//! - `--conc 1,16,64,256`, `--keys unique,hot,one`, `--impls raw,store,layer,layer_nc`: subsets
-//!   (left-out implementations show as 0 in `RESULT`);
+//! - `--conc 1,16,64,256`, `--keys unique,hot,one`,
+//!   `--impls raw,store,layer,layer_nc,raw2,layer_rec`: subsets (left-out implementations show
+//!   as 0 in `RESULT` and `RECORD`; `RECORD` lines are printed when `raw2` or `layer_rec` ran);
 //! - `--no-ioredis`; `--memory-only` (just the `MemoryStore` overhead lines).
 //!
 //! Unknown arguments (cargo adds `--bench`) are ignored. See BENCHMARKS.md for what every number
@@ -68,7 +77,7 @@ fn parse_args() -> Args {
         patterns: vec![Pattern::Unique, Pattern::Hot, Pattern::One],
         ioredis: true,
         memory_only: false,
-        impls: vec![Impl::Raw, Impl::Store, Impl::Layer, Impl::LayerNoCoalesce],
+        impls: Impl::ALL.to_vec(),
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -231,10 +240,19 @@ enum Impl {
     Store,
     Layer,
     LayerNoCoalesce,
+    Raw2,
+    LayerRecords,
 }
 
 impl Impl {
-    const ALL: [Impl; 4] = [Impl::Raw, Impl::Store, Impl::Layer, Impl::LayerNoCoalesce];
+    const ALL: [Impl; 6] = [
+        Impl::Raw,
+        Impl::Store,
+        Impl::Layer,
+        Impl::LayerNoCoalesce,
+        Impl::Raw2,
+        Impl::LayerRecords,
+    ];
 
     fn parse(s: &str) -> Option<Self> {
         Impl::ALL.into_iter().find(|i| i.name() == s)
@@ -246,6 +264,8 @@ impl Impl {
             Impl::Store => "store",
             Impl::Layer => "layer",
             Impl::LayerNoCoalesce => "layer_nc",
+            Impl::Raw2 => "raw2",
+            Impl::LayerRecords => "layer_rec",
         }
     }
 }
@@ -352,11 +372,14 @@ fn key_of(req: &String) -> Result<Option<IdempotencyKey>, KeyError> {
     IdempotencyKey::new(req).map(Some)
 }
 
-fn layered(store: RedisStore, coalesce: bool) -> Svc {
+/// The layer around the trivial service. `records: false` is the claim-only path (one round
+/// trip per call); `true`, the default, completes the record after the call (a second one).
+fn layered(store: RedisStore, coalesce: bool, records: bool) -> Svc {
     use tower::Layer;
     let layer = IdempotencyLayer::new(store, key_of as fn(&String) -> _)
         .with_ttl(TTL)
-        .with_coalescing(coalesce);
+        .with_coalescing(coalesce)
+        .with_records(records);
     layer.layer(tower::service_fn(trivial as fn(String) -> _))
 }
 
@@ -385,12 +408,43 @@ async fn task_loop(imp: Impl, target: Target, svc: Svc, mut keys: KeyGen, deadli
                     _ => stats.err += 1,
                 }
             }
+            Impl::Raw2 => {
+                let token = keys.raw_token();
+                let claimed: redis::RedisResult<redis::Value> = redis::cmd("SET")
+                    .arg(&key)
+                    .arg(&token)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl_ms)
+                    .query_async(&mut conn)
+                    .await;
+                match claimed {
+                    Ok(redis::Value::Okay) => {
+                        // About as long as a completed record: `␞<token>␟c<Unix ms>`.
+                        let record = format!("\u{1e}{token}\u{1f}c1700000000000");
+                        let done: redis::RedisResult<redis::Value> = redis::cmd("SET")
+                            .arg(&key)
+                            .arg(&record)
+                            .arg("XX")
+                            .arg("PX")
+                            .arg(ttl_ms)
+                            .query_async(&mut conn)
+                            .await;
+                        match done {
+                            Ok(redis::Value::Okay) => stats.ok += 1,
+                            _ => stats.err += 1,
+                        }
+                    }
+                    Ok(redis::Value::Nil) => stats.dup += 1,
+                    _ => stats.err += 1,
+                }
+            }
             Impl::Store => match target.store.claim(&key, &ClaimToken::generate(), TTL).await {
                 Ok(ClaimOutcome::Acquired) => stats.ok += 1,
                 Ok(ClaimOutcome::AlreadyClaimed) => stats.dup += 1,
                 Err(_) => stats.err += 1,
             },
-            Impl::Layer | Impl::LayerNoCoalesce => {
+            Impl::Layer | Impl::LayerNoCoalesce | Impl::LayerRecords => {
                 let result = match svc.ready().await {
                     Ok(ready) => ready.call(key).await,
                     Err(e) => Err(e),
@@ -412,7 +466,11 @@ async fn task_loop(imp: Impl, target: Target, svc: Svc, mut keys: KeyGen, deadli
 
 /// C tasks doing `imp` for `secs`; returns what they measured.
 async fn run(imp: Impl, pattern: Pattern, c: usize, secs: f64, run_id: u64, target: &Target, redis_pid: u32) -> Stats {
-    let svc = layered(target.store.clone(), imp == Impl::Layer);
+    let svc = layered(
+        target.store.clone(),
+        matches!(imp, Impl::Layer | Impl::LayerRecords),
+        imp == Impl::LayerRecords,
+    );
     let cpu0 = CpuSample::take(redis_pid);
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(secs);
@@ -960,6 +1018,9 @@ fn main() {
                 missing: Stats::empty(),
             };
             print_result(&row);
+            if impls.iter().any(|i| matches!(i, Impl::Raw2 | Impl::LayerRecords)) {
+                print_record(&row);
+            }
             rows.push(row);
         }
     }
@@ -967,6 +1028,9 @@ fn main() {
     drop(rt);
     drop(server);
     print_summary(&rows);
+    if impls.iter().any(|i| matches!(i, Impl::Raw2 | Impl::LayerRecords)) {
+        print_record_summary(&rows);
+    }
 }
 
 fn print_run(c: usize, pattern: Pattern, name: &str, s: &Stats) {
@@ -1027,6 +1091,57 @@ fn print_result(row: &Row) {
         layer.cpu_us_per_op(),
         layer_nc.cpu_us_per_op(),
     );
+}
+
+/// The record arm beside its two-command baseline (`layer` here is `layer_rec`).
+fn print_record(row: &Row) {
+    let raw2 = row.get(Impl::Raw2);
+    let rec = row.get(Impl::LayerRecords);
+    println!(
+        "RECORD c={} keys={} raw2={:.0} layer={:.0} ratio={:.3} p99_raw2_us={:.1} p99_layer_us={:.1}",
+        row.c,
+        row.pattern.name(),
+        raw2.ops_per_s(),
+        rec.ops_per_s(),
+        rec.ops_per_s() / raw2.ops_per_s(),
+        raw2.quantile_us(0.99),
+        rec.quantile_us(0.99),
+    );
+}
+
+fn print_record_summary(rows: &[Row]) {
+    println!();
+    println!(
+        "| c | keys | raw2 ops/s | layer_rec ops/s | layer_rec/raw2 | p50 raw2/layer_rec µs | p99 raw2/layer_rec µs | client CPU µs/op raw2/layer_rec | redis CPU µs/op raw2/layer_rec |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for row in rows {
+        let (raw2, rec) = (row.get(Impl::Raw2), row.get(Impl::LayerRecords));
+        println!(
+            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} / {:.1} | {:.1} / {:.1} |",
+            row.c,
+            row.pattern.name(),
+            raw2.ops_per_s(),
+            rec.ops_per_s(),
+            rec.ops_per_s() / raw2.ops_per_s(),
+            raw2.quantile_us(0.5),
+            rec.quantile_us(0.5),
+            raw2.quantile_us(0.99),
+            rec.quantile_us(0.99),
+            raw2.cpu_us_per_op(),
+            rec.cpu_us_per_op(),
+            raw2.cpu.redis * 1e6 / raw2.ops() as f64,
+            rec.cpu.redis * 1e6 / rec.ops() as f64,
+        );
+    }
+    println!();
+    for row in rows.iter().filter(|r| r.c == 64 && r.pattern == Pattern::Unique) {
+        let ratio = row.get(Impl::LayerRecords).ops_per_s() / row.get(Impl::Raw2).ops_per_s();
+        println!(
+            "TARGET record layer/raw2 unique c=64 >= 0.85: {ratio:.3} {}",
+            if ratio >= 0.85 { "PASS" } else { "FAIL" }
+        );
+    }
 }
 
 fn print_summary(rows: &[Row]) {
