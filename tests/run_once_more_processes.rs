@@ -26,7 +26,10 @@ fn main() {
         .expect("runtime");
     if let Ok(role) = std::env::var("ROM_CHILD") {
         let url = std::env::var("ROM_URL").expect("ROM_URL");
-        let start: u64 = std::env::var("ROM_START_MS").expect("ROM_START_MS").parse().expect("ms");
+        let start: u64 = std::env::var("ROM_START_MS")
+            .expect("ROM_START_MS")
+            .parse()
+            .expect("ms");
         rt.block_on(child(&role, &url, start));
         return;
     }
@@ -113,7 +116,11 @@ async fn child(role: &str, url: &str, start: u64) {
             svc.oneshot("p0".to_owned()).await
         })
     });
-    let mine: Vec<u64> = if role == "a" { vec![2, 4, 6, 8, 10] } else { vec![1, 3, 5, 7, 9] };
+    let mine: Vec<u64> = if role == "a" {
+        vec![2, 4, 6, 8, 10]
+    } else {
+        vec![1, 3, 5, 7, 9]
+    };
     for n in mine {
         sleep_until_ms(start + 100 + 60 * n).await;
         let answer = svc.clone().oneshot(format!("p{n}")).await;
@@ -123,6 +130,9 @@ async fn child(role: &str, url: &str, start: u64) {
         );
     }
     if let Some(original) = original {
-        original.await.expect("task").expect("the original ran, then its follow-up");
+        original
+            .await
+            .expect("task")
+            .expect("the original ran, then its follow-up");
     }
 }

@@ -364,8 +364,12 @@ fn print_one(info: &KeyInfo, json: bool, released: Option<bool>) {
         writeln!(out, "{}", to_json(info, released))
     } else {
         let not_stored = "not stored";
-        let fence = info.fencing_token.map_or_else(|| "none (fencing off)".to_owned(), |f| f.to_string());
-        let outcome = info.outcome_size.map_or_else(|| "none".to_owned(), |n| format!("{n} bytes"));
+        let fence = info
+            .fencing_token
+            .map_or_else(|| "none (fencing off)".to_owned(), |f| f.to_string());
+        let outcome = info
+            .outcome_size
+            .map_or_else(|| "none".to_owned(), |n| format!("{n} bytes"));
         writeln!(
             out,
             "key:           {}\nstate:         {}\nowner:         {}\ntime left:     {}\nage:           {not_stored}\nfencing token: {fence}\noutcome size:  {outcome}{}",
