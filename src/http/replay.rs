@@ -2,19 +2,7 @@
 //! `Idempotency-Key` (draft-ietf-httpapi-idempotency-key-header), and the draft's error
 //! scenarios as `application/problem+json` (RFC 9457).
 //!
-//! With [`Replay`] on a layer ([`HttpIdempotencyLayer::with_replay`](super::HttpIdempotencyLayer::with_replay)):
-//!
-//! | the key's record | answer |
-//! |---|---|
-//! | none (first request) | the handler runs; a `2xx`/`3xx` response is stored with the completed record (status, allow-listed headers, body); a `4xx`/`5xx` is **not** stored and the claim is released, so a retry runs the handler again |
-//! | completed, response stored | the stored status, headers and body, plus `idempotency-replayed: true` |
-//! | completed, response not stored (over [`with_max_outcome_size`](super::HttpIdempotencyLayer::with_max_outcome_size)) | `409`, problem type `…#response-not-stored`: the request ran once; it is neither run again nor replayed |
-//! | in progress | after the optional bounded wait ([`with_wait`](Replay::with_wait)): as above once it completed; else `409` with `Retry-After` (the lease's time left, at least 1 s) |
-//! | another payload under the same key (its fingerprint differs) | `422`, whatever the state |
-//!
-//! A missing key, when the extractor requires one ([`HeaderKey::with_required`](super::HeaderKey::with_required)),
-//! is the extractor's `400`. The fingerprint is, by default, a SHA-256 of the method, the path
-//! (with query) and the body; [`Replay::with_fingerprint`] replaces it.
+//! See [`Replay`] for every answer.
 
 use std::fmt;
 use std::sync::Arc;
@@ -37,7 +25,22 @@ const PROBLEM_BASE: &str = "https://docs.rs/tower-idempotency/latest/tower_idemp
 
 type Fingerprint = Arc<dyn Fn(&Parts, &Bytes) -> String + Send + Sync>;
 
-/// Replay of completed requests' responses; see the [module docs](self) for every answer.
+/// Replay of completed requests' responses.
+///
+/// With [`Replay`] on a layer ([`HttpIdempotencyLayer::with_replay`](super::HttpIdempotencyLayer::with_replay)):
+///
+/// | the key's record | answer |
+/// |---|---|
+/// | none (first request) | the handler runs; a `2xx`/`3xx` response is stored with the completed record (status, allow-listed headers, body); a `4xx`/`5xx` is **not** stored and the claim is released, so a retry runs the handler again |
+/// | completed, response stored | the stored status, headers and body, plus `idempotency-replayed: true` |
+/// | completed, response not stored (over [`with_max_outcome_size`](super::HttpIdempotencyLayer::with_max_outcome_size)) | `409`, problem type `…#response-not-stored`: the request ran once; it is neither run again nor replayed |
+/// | in progress | after the optional bounded wait ([`with_wait`](Replay::with_wait)): as above once it completed; else `409` with `Retry-After` (the lease's time left, at least 1 s) |
+/// | another payload under the same key (its fingerprint differs) | `422`, whatever the state |
+///
+/// A missing key, when the extractor requires one ([`HeaderKey::with_required`](super::HeaderKey::with_required)),
+/// is the extractor's `400`. The fingerprint is, by default, a SHA-256 of the method, the path
+/// (with query) and the body; [`Replay::with_fingerprint`] replaces it.
+///
 ///
 /// ```
 /// use std::time::Duration;

@@ -17,6 +17,7 @@ mod record;
 mod redis;
 
 pub use self::record::{ClaimReply, Record, RecordState};
+#[cfg(feature = "redis")]
 pub(crate) use self::record::{LUA_TOKEN, encode_completed_header, encode_in_progress};
 
 #[cfg(feature = "redis")]
@@ -508,6 +509,7 @@ fn unsupported(operation: &'static str) -> StoreError {
 }
 
 /// The key beside a record where its follow-up is kept.
+#[cfg(feature = "redis")]
 pub(crate) fn follow_up_key(key: &str) -> String {
     format!("{key}\u{1f}next")
 }

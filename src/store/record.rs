@@ -218,11 +218,13 @@ pub(crate) fn fingerprint_of(token: &str) -> Option<&str> {
 }
 
 /// The value of a claim in progress: `<token>␟e<expiry>`.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))] // the Redis store's encoding
 pub(crate) fn encode_in_progress(token: &ClaimToken, lease: Duration) -> String {
     encode_in_progress_fenced(token, lease, None)
 }
 
 /// The value of a claim in progress: `<token>␟e<expiry>[␟n<fence>]`.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))] // the Redis store's encoding
 pub(crate) fn encode_in_progress_fenced(token: &ClaimToken, lease: Duration, fence: Option<u64>) -> String {
     let expires = unix_millis(SystemTime::now()).saturating_add(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX));
     let mut value = String::with_capacity(token.as_str().len() + 16);
@@ -240,6 +242,7 @@ pub(crate) fn encode_in_progress_fenced(token: &ClaimToken, lease: Duration, fen
 
 /// The header of a completed record: `␞<token>␟c<now>`; the store appends the fencing token
 /// field it keeps and `␞<outcome>`.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))] // the Redis store's encoding
 pub(crate) fn encode_completed_header(token: &ClaimToken) -> String {
     let mut value = String::with_capacity(token.as_str().len() + 18);
     value.push(char::from(RECORD));
@@ -261,6 +264,7 @@ pub(crate) fn encode_completed(token: &ClaimToken, outcome: Option<&[u8]>) -> Ve
     value
 }
 
+#[cfg_attr(not(feature = "redis"), allow(dead_code))] // the Redis store's encoding
 fn push_u64(out: &mut String, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
@@ -283,6 +287,7 @@ pub(crate) fn unix_millis(t: SystemTime) -> u64 {
 
 /// Lua: `tok(v)`, the owner token of a stored value in any of the forms above, and `fence(v)`,
 /// its `␟n<fencing token>` field (or the empty string). Prepended to every owner-checked script.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))] // the Redis store's encoding
 pub(crate) const LUA_TOKEN: &str = "local function hdr(v) \
 if string.byte(v, 1) == 30 then local e = string.find(v, '\\30', 2, true) return string.sub(v, 2, (e or (#v + 1)) - 1) end \
 return v end \
