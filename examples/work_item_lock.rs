@@ -33,6 +33,8 @@
 //!
 //! Exit code 0 only when the Redis-backed `max_concurrency` ≤ N and all P × J runs ran.
 
+#[path = "support/redis_choice.rs"]
+mod redis_choice;
 #[path = "../tests/common/redis_server.rs"]
 mod redis_server;
 
@@ -190,48 +192,6 @@ fn main() -> ExitCode {
 
 // ---------------------------------------------------------------- parent
 
-async fn answers(url: &str) -> bool {
-    let Ok(client) = redis::Client::open(url) else {
-        return false;
-    };
-    let ping = async {
-        let mut conn = client.get_multiplexed_async_connection().await?;
-        redis::cmd("PING").query_async::<String>(&mut conn).await
-    };
-    matches!(tokio::time::timeout(Duration::from_secs(2), ping).await, Ok(Ok(_)))
-}
-
-/// Finds a Redis per the contract; returns its URL and the throwaway server, if one was started.
-async fn resolve_redis(flag: Option<String>) -> Result<(String, Option<redis_server::RedisServer>), String> {
-    // The environment is read once, here.
-    if let Some(url) = flag.or_else(|| std::env::var("REDIS_URL").ok()) {
-        if answers(&url).await {
-            return Ok((url, None));
-        }
-        return Err(format!(
-            "Redis at {url} (from --redis or REDIS_URL) does not answer PING"
-        ));
-    }
-    let default = "redis://127.0.0.1:6379".to_string();
-    if answers(&default).await {
-        return Ok((default, None));
-    }
-    if !redis_server::redis_server_available() {
-        return Err(format!(
-            "no Redis answers at {default} and redis-server is not on PATH. Start Redis, pass --redis URL, \
-             or install it: sudo apt-get install redis-server (Debian/Ubuntu), brew install redis (macOS)"
-        ));
-    }
-    let server = tokio::task::spawn_blocking(redis_server::RedisServer::start)
-        .await
-        .map_err(|e| e.to_string())?;
-    println!(
-        "no Redis at {default}; started a throwaway redis-server at {} (stopped at the end)",
-        server.url()
-    );
-    Ok((server.url(), Some(server)))
-}
-
 /// What one process reports.
 #[derive(Debug, Default, Clone)]
 struct Tally {
@@ -292,7 +252,7 @@ impl Outcome {
 }
 
 async fn parent(args: Args) -> ExitCode {
-    let (url, server) = match resolve_redis(args.redis.clone()).await {
+    let (url, server) = match redis_choice::resolve_redis(args.redis.clone()).await {
         Ok(found) => found,
         Err(e) => {
             eprintln!("error: {e}");

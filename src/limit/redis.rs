@@ -1,15 +1,13 @@
 //! [`LimitStore`] for [`RedisStore`]: one sorted set per limited key, two Lua scripts and a
 //! `ZREM`. See [the module docs](super) for the layout.
 
-use std::future::Future;
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use redis::RedisError;
 use redis::aio::ConnectionLike;
 
 use super::store::{Acquire, LimitStore};
-use crate::store::ClaimToken;
+use crate::store::{ClaimToken, bounded, ttl_millis};
 use crate::{RedisStore, StoreError};
 
 static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(include_str!("scripts/acquire.lua")));
@@ -19,30 +17,6 @@ static RENEW: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(incl
 pub const ACQUIRE_SCRIPT: &str = include_str!("scripts/acquire.lua");
 /// The renew script's source.
 pub const RENEW_SCRIPT: &str = include_str!("scripts/renew.lua");
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
-}
-
-/// `fut` within `timeout`, its errors as [`StoreError`]s of `operation`.
-async fn bounded<T>(
-    timeout: Duration,
-    operation: &'static str,
-    fut: impl Future<Output = Result<T, RedisError>>,
-) -> Result<T, StoreError> {
-    match tokio::time::timeout(timeout, fut).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(source)) if source.is_timeout() => Err(StoreError::Timeout {
-            operation,
-            after: timeout,
-        }),
-        Ok(Err(source)) => Err(StoreError::Redis { operation, source }),
-        Err(_) => Err(StoreError::Timeout {
-            operation,
-            after: timeout,
-        }),
-    }
-}
 
 /// Holders of limited keys in Redis, shared by every process that talks to the same server
 /// (or cluster: every command touches one key). Each call is one round trip, bounded by the
@@ -60,7 +34,7 @@ where
     ) -> Result<Acquire, StoreError> {
         let mut conn = self.connection();
         let mut invocation = ACQUIRE.key(key);
-        invocation.arg(holder.as_str()).arg(limit).arg(millis(lease));
+        invocation.arg(holder.as_str()).arg(limit).arg(ttl_millis(lease));
         let reply: Vec<i64> = bounded(self.timeout(), "limit_acquire", invocation.invoke_async(&mut conn)).await?;
         match reply.as_slice() {
             [1, _] => Ok(Acquire::Granted),
@@ -77,7 +51,7 @@ where
     async fn renew(&self, key: &str, holder: &ClaimToken, lease: Duration) -> Result<bool, StoreError> {
         let mut conn = self.connection();
         let mut invocation = RENEW.key(key);
-        invocation.arg(holder.as_str()).arg(millis(lease));
+        invocation.arg(holder.as_str()).arg(ttl_millis(lease));
         let renewed: i64 = bounded(self.timeout(), "limit_renew", invocation.invoke_async(&mut conn)).await?;
         Ok(renewed == 1)
     }

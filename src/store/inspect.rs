@@ -34,7 +34,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
 use redis::{RedisError, RedisResult};
 
 use super::redis::RedisStore;
-use super::{Record, RecordState, StoreError};
+use super::{Record, RecordState, StoreError, bounded};
 
 /// How many keys `list` asks Redis for per `SCAN` call (`COUNT`, a hint Redis may exceed).
 const SCAN_COUNT: usize = 500;
@@ -255,26 +255,6 @@ impl From<i64> for Pttl {
             ms if ms < 0 => Pttl::Forever,
             ms => Pttl::Left(Duration::from_millis(ms.unsigned_abs())),
         }
-    }
-}
-
-/// Runs one Redis call within `timeout`, mapped to the store's errors as the claim path maps them.
-async fn bounded<T>(
-    timeout: Duration,
-    operation: &'static str,
-    fut: impl Future<Output = Result<T, RedisError>>,
-) -> Result<T, StoreError> {
-    match tokio::time::timeout(timeout, fut).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(source)) if source.is_timeout() => Err(StoreError::Timeout {
-            operation,
-            after: timeout,
-        }),
-        Ok(Err(source)) => Err(StoreError::Redis { operation, source }),
-        Err(_) => Err(StoreError::Timeout {
-            operation,
-            after: timeout,
-        }),
     }
 }
 

@@ -23,6 +23,8 @@ pub(crate) use self::record::{LUA_TOKEN, encode_completed_header, encode_in_prog
 #[cfg(feature = "redis")]
 pub use self::redis::{DEFAULT_TIMEOUT, RedisStore, RedisStoreBuilder, redact_password};
 #[cfg(feature = "redis")]
+pub(crate) use self::redis::{bounded, ttl_millis};
+#[cfg(feature = "redis")]
 mod inspect;
 #[cfg(feature = "redis")]
 pub use self::inspect::{KeyInfo, KeyState, ScanKeyspace};

@@ -299,18 +299,28 @@ where
         operation: &'static str,
         fut: impl Future<Output = Result<T, RedisError>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, fut).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(source)) if source.is_timeout() => Err(StoreError::Timeout {
-                operation,
-                after: self.timeout,
-            }),
-            Ok(Err(source)) => Err(StoreError::Redis { operation, source }),
-            Err(_) => Err(StoreError::Timeout {
-                operation,
-                after: self.timeout,
-            }),
-        }
+        bounded(self.timeout, operation, fut).await
+    }
+}
+
+/// Runs one Redis call within `timeout`, with its errors as [`StoreError`]s of `operation`:
+/// every Redis call of the crate (claims, inspection, the concurrency limit) goes through it.
+pub(crate) async fn bounded<T>(
+    timeout: Duration,
+    operation: &'static str,
+    fut: impl Future<Output = Result<T, RedisError>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(source)) if source.is_timeout() => Err(StoreError::Timeout {
+            operation,
+            after: timeout,
+        }),
+        Ok(Err(source)) => Err(StoreError::Redis { operation, source }),
+        Err(_) => Err(StoreError::Timeout {
+            operation,
+            after: timeout,
+        }),
     }
 }
 
@@ -325,7 +335,8 @@ where
     }
 }
 
-fn ttl_millis(ttl: Duration) -> u64 {
+/// A duration as Redis's `PX` milliseconds: at least 1, saturating.
+pub(crate) fn ttl_millis(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
