@@ -29,7 +29,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tower_idempotency::RedisStore;
-use tower_idempotency::http::{HeaderKey, HttpIdempotencyLayer, ProblemResponses, Replay, RunToCompletionLayer};
+use tower_idempotency::http::{HeaderKey, HttpIdempotencyLayer, ProblemResponses, Replay};
 
 struct Args {
     listen: SocketAddr,
@@ -134,16 +134,15 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .with_replay(Replay::new())
         .with_responses(ProblemResponses::new())
         .with_name("payments")
+        // A payment whose client went away still completes in its own task (the default), and
+        // its response is stored for the retry; at most 1024 run at once.
+        .with_max_in_flight(1024)
         .build()?;
-    // Outside the idempotency layer: a payment whose client went away still completes, and its
-    // response is stored for the retry.
-    let run_to_completion = RunToCompletionLayer::new().with_max_in_flight(1024);
-    let handlers = run_to_completion.handlers();
+    let handlers = idempotency.handlers();
     let router = Router::new()
         .route("/payments", post(create_payment).route_layer(idempotency))
         .route("/healthz", get(|| async { "ok" }))
-        .with_state(app)
-        .layer(run_to_completion);
+        .with_state(app);
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     println!("payments_api listening on http://{}", listener.local_addr()?);
     axum::serve(listener, router)
@@ -151,7 +150,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await?;
-    handlers.wait().await;
+    // Graceful shutdown: payments in flight finish before the process exits.
+    if let Some(handlers) = handlers {
+        handlers.wait().await;
+    }
     Ok(())
 }
 
