@@ -328,6 +328,26 @@ impl<C> RedisStore<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
+    /// Runs an owner-checked script that writes `token`'s in-progress record for `ttl` (renew,
+    /// reopen): `ARGV` = token, the new record, `PX` milliseconds. Whether it wrote.
+    async fn lease_script(
+        &self,
+        operation: &'static str,
+        script: &redis::Script,
+        key: &str,
+        token: &ClaimToken,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut invocation = script.key(key);
+        invocation
+            .arg(token.as_str())
+            .arg(encode_in_progress(token, ttl))
+            .arg(ttl_millis(ttl));
+        let wrote: i64 = self.bounded(operation, invocation.invoke_async(&mut conn)).await?;
+        Ok(wrote == 1)
+    }
+
     async fn claim_by_script(&self, conn: &mut C, key: &str, value: &str, ttl: Duration) -> Result<Value, StoreError> {
         let mut invocation = CLAIM_COMPAT.key(key);
         invocation.arg(value).arg(ttl_millis(ttl));
@@ -454,19 +474,7 @@ where
     }
 
     async fn reopen(&self, key: &str, token: &ClaimToken, ttl: Duration) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
-        let reopened: i64 = self
-            .bounded(
-                "reopen",
-                REOPEN
-                    .key(key)
-                    .arg(token.as_str())
-                    .arg(encode_in_progress(token, ttl))
-                    .arg(ttl_millis(ttl))
-                    .invoke_async(&mut conn),
-            )
-            .await?;
-        Ok(reopened == 1)
+        self.lease_script("reopen", &REOPEN, key, token, ttl).await
     }
 
     async fn complete(
@@ -531,19 +539,7 @@ where
     }
 
     async fn renew(&self, key: &str, token: &ClaimToken, ttl: Duration) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
-        let renewed: i64 = self
-            .bounded(
-                "renew",
-                RENEW
-                    .key(key)
-                    .arg(token.as_str())
-                    .arg(encode_in_progress(token, ttl))
-                    .arg(ttl_millis(ttl))
-                    .invoke_async(&mut conn),
-            )
-            .await?;
-        Ok(renewed == 1)
+        self.lease_script("renew", &RENEW, key, token, ttl).await
     }
 }
 
